@@ -1,0 +1,37 @@
+"""Request-scoped dependencies: the database session, the publisher, the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.core.db import session_factory
+from app.tasks.publisher import Publisher
+
+
+def get_db() -> Iterator[Session]:
+    """A session per request; write routes commit themselves, before they publish."""
+    session = session_factory()()
+    try:
+        yield session
+    finally:
+        # Anything uncommitted is rolled back: a failed request leaves nothing half-written.
+        session.close()
+
+
+def get_publisher(request: Request) -> Publisher:
+    publisher: Publisher = request.app.state.publisher
+    return publisher
+
+
+def get_owner() -> str:
+    """The caller's identity; anonymous until API keys own tasks."""
+    return ""
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+OwnerDep = Annotated[str, Depends(get_owner)]

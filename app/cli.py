@@ -1,0 +1,303 @@
+"""The `taskdock` command: every process role, and `dev` to run them all on one machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.core.config import get_settings
+
+cli = typer.Typer(
+    name="taskdock",
+    help="Durable background tasks behind an HTTP API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+logger = logging.getLogger("taskdock.cli")
+
+ExtraArgs = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _setup(role: str) -> None:
+    from app.core.db import set_process_role
+    from app.core.logging import configure_logging
+    from app.tasks.registry import load_task_modules
+
+    settings = get_settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    set_process_role(role)
+    load_task_modules(settings.task_modules)
+
+
+@cli.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address (TASKDOCK_API_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (TASKDOCK_API_PORT).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Processes (TASKDOCK_API_WORKERS).")] = None,
+) -> None:
+    """Serve the HTTP API with uvicorn (uvloop + httptools)."""
+    import uvicorn
+
+    _setup("api")
+    settings = get_settings()
+    uvicorn.run(
+        "app.main:app",
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers or settings.api_workers,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        timeout_graceful_shutdown=settings.api_graceful_timeout,
+        log_config=None,
+        server_header=False,
+    )
+
+
+@cli.command(context_settings=ExtraArgs)
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[
+        str | None, typer.Option("--queues", "-Q", help="Comma-separated; default: every queue.")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(help="Pool processes (TASKDOCK_WORKER_CONCURRENCY).")
+    ] = None,
+) -> None:
+    """Run a Celery worker; arguments after the options are passed to Celery."""
+    from app.tasks.registry import all_task_types
+    from app.worker import celery_app
+
+    settings = get_settings()
+    if queues is None:
+        queues = ",".join(sorted({task.queue for task in all_task_types()} | {"default"}))
+    argv = [
+        "worker",
+        f"--loglevel={settings.log_level}",
+        f"--concurrency={concurrency or settings.worker_concurrency}",
+        f"--queues={queues}",
+        *ctx.args,
+    ]
+    celery_app.worker_main(argv=argv)
+
+
+@cli.command()
+def dispatcher() -> None:
+    """Publish the outbox, reap expired leases, and schedule delayed tasks."""
+    from app.core.celery import get_celery_app
+    from app.tasks.dispatcher import Dispatcher
+
+    _setup("dispatcher")
+    settings = get_settings()
+    loop = Dispatcher(settings=settings, celery_app=get_celery_app())
+
+    def _stop(signum: int, _frame: object) -> None:
+        logger.info("stopping", extra={"signal": signal.Signals(signum).name})
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    loop.run_forever(heartbeat_file=settings.dispatcher_heartbeat_file)
+
+
+@cli.command()
+def migrate(
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Upgrade the database schema (under a PostgreSQL advisory lock)."""
+    from app.core.db import get_engine
+    from app.db import migrate as migrations
+
+    _setup("migrate")
+    engine = get_engine()
+    migrations.upgrade(engine, revision)
+    typer.echo(f"database at revision {migrations.current(engine)}")
+
+
+@cli.command()
+def wait(
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 60.0,
+) -> None:
+    """Wait until the database and the broker answer (for container entrypoints)."""
+    from app.core.celery import get_celery_app
+    from app.core.db import get_engine, ping
+
+    _setup("wait")
+    settings = get_settings()
+    deadline = time.monotonic() + timeout
+    pending = {"database": False, settings.broker_name: False}
+    reasons: dict[str, str] = {}
+    while True:
+        if not pending["database"]:
+            try:
+                ping(get_engine())
+                pending["database"] = True
+            except Exception as exc:
+                reasons["database"] = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        if not pending[settings.broker_name]:
+            try:
+                with get_celery_app().connection_for_read() as connection:
+                    connection.ensure_connection(max_retries=0, timeout=2)
+                pending[settings.broker_name] = True
+            except Exception as exc:
+                reasons[settings.broker_name] = str(exc) or repr(exc)
+        if all(pending.values()):
+            typer.echo("database and broker are ready")
+            return
+        if time.monotonic() >= deadline:
+            missing = [name for name, ok in pending.items() if not ok]
+            detail = "; ".join(f"{name}: {reasons.get(name, 'no answer')}" for name in missing)
+            typer.echo(f"gave up after {timeout:g}s waiting for {detail}", err=True)
+            raise typer.Exit(1)
+        time.sleep(1)
+
+
+def _check_heartbeat(path: Path, max_age: float, what: str) -> None:
+    from app.core.worker import heartbeat_age
+
+    age = heartbeat_age(path)
+    if age is None:
+        typer.echo(f"{what}: no heartbeat at {path}", err=True)
+        raise typer.Exit(1)
+    if age > max_age:
+        typer.echo(f"{what}: heartbeat is {age:.0f}s old (limit {max_age:g}s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{what}: heartbeat {age:.1f}s ago")
+
+
+@cli.command("worker-health")
+def worker_health() -> None:
+    """Exit 0 if this machine's worker consumer loop beat recently (a container healthcheck)."""
+    settings = get_settings()
+    _check_heartbeat(settings.worker_heartbeat_file, settings.worker_heartbeat_max_age, "worker")
+
+
+@cli.command("dispatcher-health")
+def dispatcher_health() -> None:
+    """Exit 0 if this machine's dispatcher loop ran recently."""
+    settings = get_settings()
+    _check_heartbeat(
+        settings.dispatcher_heartbeat_file, settings.dispatcher_heartbeat_max_age, "dispatcher"
+    )
+
+
+@cli.command()
+def status(
+    workers: Annotated[bool, typer.Option(help="Also ping the workers over the broker.")] = False,
+) -> None:
+    """What is waiting where: tasks by status, the outbox, expired leases, the workers."""
+    from sqlalchemy import func, select
+
+    from app.core.celery import get_celery_app
+    from app.core.db import session_scope
+    from app.db.base import utcnow
+    from app.tasks.models import Task
+    from app.tasks.states import WAITING
+
+    _setup("cli")
+    now = utcnow()
+    waiting = [state.value for state in WAITING]
+    with session_scope() as session:
+        counts = dict(
+            session.execute(select(Task.status, func.count()).group_by(Task.status)).all()
+        )
+        outbox = session.scalar(
+            select(func.count()).where(
+                Task.status.in_(waiting), Task.published_at.is_(None), Task.run_after <= now
+            )
+        )
+        scheduled = session.scalar(
+            select(func.count()).where(Task.status.in_(waiting), Task.run_after > now)
+        )
+        expired = session.scalar(
+            select(func.count()).where(Task.status == "RUNNING", Task.lease_expires_at < now)
+        )
+        oldest = session.scalar(select(func.min(Task.created_at)).where(Task.status.in_(waiting)))
+    typer.echo("tasks by status: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    typer.echo(f"outbox (due, not yet published): {outbox}")
+    typer.echo(f"scheduled for later (countdown, eta, retry backoff): {scheduled}")
+    typer.echo(f"running with an expired lease (worker lost): {expired}")
+    if oldest is not None:
+        typer.echo(f"oldest waiting task: {timedelta(seconds=int((now - oldest).total_seconds()))} old")
+    if workers:
+        replies = get_celery_app().control.ping(timeout=2.0) or []
+        typer.echo(f"workers answering: {len(replies)}")
+        for reply in replies:
+            typer.echo(f"  {next(iter(reply))}")
+
+
+@cli.command()
+def dev(
+    host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+) -> None:
+    """Run everything on this machine: migrations, the API, a worker and the dispatcher."""
+    os.environ.setdefault("TASKDOCK_LOG_FORMAT", "console")
+    get_settings.cache_clear()
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate()
+    typer.echo(
+        f"taskdock dev: data in {settings.data_dir.resolve()}, API on http://{host}:{port} "
+        f"(docs at /docs); Ctrl-C stops everything"
+    )
+    base = [sys.executable, "-m", "app.cli"]
+    children = {
+        "api": subprocess.Popen([*base, "api", "--host", host, "--port", str(port)]),  # noqa: S603
+        "worker": subprocess.Popen(  # noqa: S603
+            [*base, "worker", "--without-mingle", "--without-gossip"]
+        ),
+        "dispatcher": subprocess.Popen([*base, "dispatcher"]),  # noqa: S603
+    }
+    code = _supervise(children)
+    raise typer.Exit(code)
+
+
+def _supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
+    """Wait until Ctrl-C, SIGTERM or a child's exit, then stop every child."""
+    stopping = False
+
+    def _terminate(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _terminate)
+    code = 0
+    try:
+        while not stopping:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    typer.echo(f"{name} exited with {child.returncode}; stopping", err=True)
+                    code = child.returncode or 1
+                    stopping = True
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for child in children.values():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return code
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Engines and sessions: one engine per process, labelled with the process role."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings, get_settings
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+_engine_pid: int | None = None
+_role = "api"
+
+
+def set_process_role(role: str) -> None:
+    """Name this process (api, worker, dispatcher, cli) in the database's connection list."""
+    global _role
+    _role = role
+
+
+def build_engine(settings: Settings, *, role: str) -> Engine:
+    url = settings.sqlalchemy_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            pool_pre_ping=False,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_engine(
+        url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+        pool_pre_ping=True,
+        pool_timeout=5,
+        connect_args={
+            "application_name": f"taskdock-{role}",
+            # A dead database must surface quickly: health and submit promise seconds, not minutes.
+            "connect_timeout": 2,
+            "tcp_user_timeout": 1500,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 2,
+            "keepalives_count": 2,
+        },
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the API read while the worker writes; several processes share the file.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    # Take the write lock at BEGIN so two processes never deadlock upgrading read locks.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def get_engine() -> Engine:
+    """The process's engine; a forked child (Celery prefork) gets its own pool."""
+    global _engine, _engine_pid
+    pid = os.getpid()
+    if _engine is not None and _engine_pid == pid:
+        return _engine
+    with _lock:
+        if _engine is None or _engine_pid != pid:
+            if _engine is not None:
+                # Inherited from the parent: drop its sockets without closing them under it.
+                _engine.dispose(close=False)
+            _engine = build_engine(get_settings(), role=_role)
+            _engine_pid = pid
+        return _engine
+
+
+def reset_engine() -> None:
+    """Forget the engine (tests and configuration changes)."""
+    global _engine, _engine_pid
+    with _lock:
+        if _engine is not None:
+            _engine.dispose()
+        _engine = None
+        _engine_pid = None
+
+
+def session_factory() -> sessionmaker[Session]:
+    return sessionmaker(bind=get_engine(), expire_on_commit=False, autoflush=False)
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A unit of work: commit on success, roll back on any error."""
+    session = session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def ping(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))

@@ -1,0 +1,137 @@
+"""One error hierarchy, one JSON shape, one place that renders it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class AppError(Exception):
+    """Base of every error a client may see; services raise these, never HTTPException."""
+
+    status_code = 500
+    code = "internal_error"
+    message = "internal error"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.details = details
+        self.headers: dict[str, str] = {}
+
+
+class NotFound(AppError):
+    status_code = 404
+    code = "not_found"
+    message = "not found"
+
+
+class Conflict(AppError):
+    status_code = 409
+    code = "conflict"
+    message = "conflict"
+
+
+class InvalidInput(AppError):
+    status_code = 422
+    code = "validation_error"
+    message = "request validation failed"
+
+
+class ServiceUnavailable(AppError):
+    status_code = 503
+    code = "service_unavailable"
+    message = "a dependency is unavailable; retry later"
+
+
+def error_body(
+    *, code: str, message: str, fields: list[dict[str, Any]] | None = None, **details: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if fields is not None:
+        body["fields"] = fields
+    body.update(details)
+    return body
+
+
+def field_errors(errors: Any) -> list[dict[str, Any]]:
+    """Pydantic errors without the echoed input, which may be large or sensitive."""
+    return [
+        {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""), "type": error.get("type")}
+        for error in errors
+    ]
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=jsonable_encoder(
+                error_body(code=exc.code, message=exc.message, **exc.details)
+            ),
+            headers=exc.headers or None,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            status_code=422,
+            content=jsonable_encoder(
+                error_body(
+                    code="validation_error",
+                    message="request validation failed",
+                    fields=field_errors(exc.errors()),
+                )
+            ),
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=error_body(code=code, message=str(exc.detail)),
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("database unavailable", extra={"reason": str(exc).splitlines()[0]})
+        return JSONResponse(
+            status_code=503,
+            content=error_body(code="database_unavailable", message="the database is unavailable"),
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # The trace goes to the log, never to the client.
+        logger.exception("unhandled error", exc_info=exc)
+        return JSONResponse(
+            status_code=500, content=error_body(code="internal_error", message="internal error")
+        )

@@ -1,0 +1,67 @@
+"""Worker-process wiring: logging, a consumer heartbeat file, and the health check that reads it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+
+from app.core.config import Settings
+from app.core.logging import configure_logging
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 5.0
+
+
+class ConsumerHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Touches a file from the consumer's own event loop.
+
+    A worker whose consumer stopped (celery/celery#8082: silent after a Redis reconnect)
+    stops touching it, which `celery inspect ping` cannot see.
+    """
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.path: Path = parent.app.conf.taskdock_heartbeat_file
+        self.tref: Any = None
+
+    def start(self, parent: Any) -> None:
+        self._beat()
+        self.tref = parent.timer.call_repeatedly(HEARTBEAT_INTERVAL, self._beat, (), priority=10)
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+        self.path.unlink(missing_ok=True)
+
+    def _beat(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+        except OSError:
+            logger.warning("cannot write the worker heartbeat", extra={"path": str(self.path)})
+
+
+def install_worker_hooks(app: Celery, settings: Settings) -> None:
+    app.conf.taskdock_heartbeat_file = settings.worker_heartbeat_file
+    app.steps["consumer"].add(ConsumerHeartbeat)
+
+    @signals.setup_logging.connect(weak=False)
+    def _logging(**_: Any) -> None:
+        # Connecting this signal stops Celery from configuring logging its own way.
+        configure_logging(level=settings.log_level, fmt=settings.log_format)
+
+
+def heartbeat_age(path: Path) -> float | None:
+    """Seconds since the heartbeat file was touched, or None if there is none."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,58 @@
+"""Alembic, driven from code, under a database lock so replicas never race (sqlalchemy/alembic#633)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, text
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# Any constant works; it only has to be the same in every replica.
+ADVISORY_LOCK_KEY = 0x7A5D0C4B
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("version_locations", str(MIGRATIONS / "versions"))
+    config.set_main_option("path_separator", "os")
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    _run(engine, lambda config: command.upgrade(config, revision))
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    _run(engine, lambda config: command.downgrade(config, revision))
+
+
+def current(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def _run(engine: Engine, action: object) -> None:
+    with engine.connect() as connection:
+        locked = connection.dialect.name == "postgresql"
+        if locked:
+            logger.info("waiting for the migration lock")
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            connection.commit()
+        try:
+            action(alembic_config(connection))  # type: ignore[operator]
+            connection.commit()
+        finally:
+            if locked:
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY}
+                )
+                connection.commit()

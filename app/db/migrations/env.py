@@ -1,0 +1,33 @@
+"""Alembic environment: runs on the connection the caller holds (and has locked)."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import Connection
+
+from app.db.base import Base
+from app.tasks import models  # noqa: F401 - registers the tables on Base.metadata
+
+target_metadata = Base.metadata
+
+
+def run_migrations(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+connection = context.config.attributes.get("connection")
+if connection is None:
+    from app.core.db import get_engine
+
+    with get_engine().connect() as fresh:
+        run_migrations(fresh)
+        fresh.commit()
+else:
+    run_migrations(connection)

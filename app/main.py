@@ -1,0 +1,57 @@
+"""The FastAPI application: `app.main:app`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.health import router as health_router
+from app.api.limits import BodySizeLimit
+from app.api.router import api_router
+from app.core.celery import get_celery_app
+from app.core.config import Settings, get_settings
+from app.core.db import set_process_role
+from app.core.errors import install_error_handlers
+from app.core.logging import configure_logging
+from app.tasks.publisher import Publisher
+from app.tasks.registry import load_task_modules
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    set_process_role("api")
+    load_task_modules(settings.task_modules)
+    celery_app = get_celery_app()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logger.info(
+            "api started",
+            extra={"environment": settings.environment.value, "broker": settings.broker_name},
+        )
+        yield
+        app.state.publisher.close()
+
+    app = FastAPI(
+        title="taskdock",
+        version="0.1.0",
+        summary="Durable background tasks behind an HTTP API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.celery_app = celery_app
+    app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(health_router)
+    app.include_router(api_router, prefix="/api/v1")
+    return app
+
+
+app = create_app()

@@ -1,0 +1,123 @@
+"""The safety net and the scheduler: publish the outbox, reap lost leases, re-ring lost bells.
+
+Runs as its own process (`taskdock dispatcher`); several may run on PostgreSQL, since
+each batch is taken with FOR UPDATE SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celery import Celery
+
+from app.core.config import Settings
+from app.core.db import get_engine, session_scope
+from app.tasks import lifecycle, service
+from app.tasks.publisher import send
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TickReport:
+    published: int = 0
+    requeued: int = 0
+    failed: int = 0
+    republished: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Dispatcher:
+    def __init__(self, *, settings: Settings, celery_app: Celery) -> None:
+        self.settings = settings
+        self.celery_app = celery_app
+        self.lock_rows = get_engine().dialect.name == "postgresql"
+        self._last_sweep = 0.0
+        self._stop = threading.Event()
+
+    def tick(self) -> TickReport:
+        report = TickReport()
+        now = time.monotonic()
+        # The reaper and the lost-message sweep need not run every tick.
+        if now - self._last_sweep >= self.settings.reaper_interval:
+            self._last_sweep = now
+            self._sweep(report)
+        self._publish_due(report)
+        return report
+
+    def _sweep(self, report: TickReport) -> None:
+        try:
+            with session_scope() as session:
+                report.requeued, report.failed = lifecycle.reap_expired_leases(
+                    session=session, max_deliveries=self.settings.task_max_deliveries
+                )
+                report.republished = lifecycle.forget_stale_publications(
+                    session=session, older_than=self.settings.republish_after_seconds
+                )
+        except Exception as exc:
+            report.errors.append(f"sweep: {exc}")
+            logger.warning("lease sweep failed", exc_info=True)
+            return
+        if report.requeued or report.failed:
+            logger.warning(
+                "expired leases reaped",
+                extra={"requeued": report.requeued, "failed": report.failed},
+            )
+
+    def _publish_due(self, report: TickReport) -> None:
+        try:
+            with session_scope() as session:
+                due = lifecycle.due_unpublished(
+                    session=session,
+                    limit=self.settings.dispatcher_batch_size,
+                    grace=self.settings.dispatch_grace_seconds,
+                    lock=self.lock_rows,
+                )
+                if not due:
+                    return
+                published: list[tuple[uuid.UUID, int]] = []
+                try:
+                    with self.celery_app.connection_for_write() as connection:
+                        for task in due:
+                            send(self.celery_app, service.doorbell(task), connection=connection)
+                            published.append((task.id, task.attempt))
+                except Exception as exc:
+                    report.errors.append(f"publish: {exc}")
+                    logger.warning(
+                        "broker unavailable; tasks stay in the outbox",
+                        extra={"waiting": len(due) - len(published), "reason": str(exc)},
+                    )
+                lifecycle.mark_many_published(session=session, published=published)
+                report.published = len(published)
+        except Exception as exc:
+            report.errors.append(f"outbox: {exc}")
+            logger.warning("outbox scan failed", exc_info=True)
+
+    def run_forever(self, *, heartbeat_file: Path | None = None) -> None:
+        logger.info("dispatcher started", extra={"interval": self.settings.dispatcher_interval})
+        while not self._stop.is_set():
+            report = self.tick()
+            if heartbeat_file is not None and not report.errors:
+                touch(heartbeat_file)
+            if report.published:
+                logger.info("published from the outbox", extra={"count": report.published})
+            # A full batch means more is waiting: go again at once.
+            if report.published < self.settings.dispatcher_batch_size:
+                self._stop.wait(self.settings.dispatcher_interval)
+        logger.info("dispatcher stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def touch(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        logger.warning("cannot write heartbeat file", extra={"path": str(path)})

@@ -1,0 +1,20 @@
+"""Errors of the tasks domain."""
+
+from __future__ import annotations
+
+from app.core.errors import Conflict, NotFound
+
+
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+    message = "task not found"
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+    message = "this Idempotency-Key was used with a different request"
+
+
+class TaskFinished(Conflict):
+    code = "task_finished"
+    message = "the task has already finished"

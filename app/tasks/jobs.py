@@ -1,0 +1,29 @@
+"""The Celery side: one job that runs any task type by id. Never pass records to it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery import shared_task
+
+from app.core.celery import JOB_NAME
+from app.core.config import get_settings
+from app.core.logging import log_context
+from app.tasks import runner
+
+
+@shared_task(name=JOB_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+def execute(self: Any, task_id: str, attempt: int) -> str:
+    """Re-read the record by id and run this attempt; the record decides, not the message."""
+    token = log_context.set({"task_id": task_id, "attempt": attempt})
+    try:
+        outcome = runner.execute(
+            task_id=uuid.UUID(task_id),
+            attempt=int(attempt),
+            worker=str(self.request.hostname or "worker"),
+            settings=get_settings(),
+        )
+        return outcome.value
+    finally:
+        log_context.reset(token)

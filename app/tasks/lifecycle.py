@@ -1,0 +1,252 @@
+"""The worker's and the dispatcher's side of the record: claim, lease, finish, reap.
+
+Every write is a conditional UPDATE fenced by (attempt, delivery): a stale run, a late
+redelivery or a cancelled task changes nothing.
+"""
+
+from __future__ import annotations
+
+import traceback as tb
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db.base import utcnow
+from app.tasks.models import Task
+from app.tasks.states import WAITING, TaskStatus, sources
+
+TRACEBACK_LIMIT = 4000
+MESSAGE_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run of one attempt: the fence every later write of this run must pass."""
+
+    task_id: uuid.UUID
+    attempt: int
+    delivery: int
+    type: str
+    payload: dict[str, Any]
+    max_attempts: int
+
+
+def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str, Any]:
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)[:MESSAGE_LIMIT]}
+    if with_traceback:
+        record["traceback"] = "".join(tb.format_exception(exc))[-TRACEBACK_LIMIT:]
+    return record
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+def claim(
+    *, session: Session, task_id: uuid.UUID, attempt: int, worker: str, lease_seconds: float
+) -> Claim | None:
+    """Take the task for this run, or None when the message is stale or the task is held."""
+    now = utcnow()
+    claimable = or_(
+        Task.status.in_(sources(TaskStatus.RUNNING) - {TaskStatus.RUNNING}),
+        # Redelivered after its worker vanished: only once that worker's lease ran out.
+        and_(Task.status == TaskStatus.RUNNING.value, Task.lease_expires_at < now),
+    )
+    row = session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.attempt == attempt, claimable, Task.run_after <= now)
+        .values(
+            status=TaskStatus.RUNNING.value,
+            deliveries=Task.deliveries + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            worker=worker[:255],
+            started_at=now,
+            updated_at=now,
+        )
+        .returning(Task.deliveries, Task.type, Task.payload, Task.max_attempts)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        return None
+    return Claim(
+        task_id=task_id,
+        attempt=attempt,
+        delivery=row.deliveries,
+        type=row.type,
+        payload=row.payload,
+        max_attempts=row.max_attempts,
+    )
+
+
+def _fenced(claim: Claim) -> Any:
+    return and_(
+        Task.id == claim.task_id,
+        Task.attempt == claim.attempt,
+        Task.deliveries == claim.delivery,
+        Task.status == TaskStatus.RUNNING.value,
+    )
+
+
+def renew_lease(*, session: Session, claim: Claim, lease_seconds: float) -> bool:
+    """Extend this run's lease; False means the run lost the task (cancelled or reaped)."""
+    now = utcnow()
+    result = session.execute(
+        update(Task)
+        .where(_fenced(claim))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
+
+
+def succeed(*, session: Session, claim: Claim, result: Any) -> bool:
+    now = utcnow()
+    outcome = session.execute(
+        update(Task)
+        .where(_fenced(claim))
+        .values(
+            status=TaskStatus.SUCCEEDED.value,
+            result=result,
+            error=None,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(outcome) == 1
+
+
+def fail(
+    *, session: Session, claim: Claim, error: dict[str, Any], retry_in: float | None
+) -> TaskStatus | None:
+    """Record a failed run: RETRYING with a backoff, or FAILED. None if the run was stale."""
+    now = utcnow()
+    if retry_in is not None and claim.attempt < claim.max_attempts:
+        values: dict[str, Any] = {
+            "status": TaskStatus.RETRYING.value,
+            "attempt": claim.attempt + 1,
+            "deliveries": 0,
+            "run_after": now + timedelta(seconds=retry_in),
+            "published_at": None,
+            "queued_at": None,
+            "error": error,
+            "updated_at": now,
+            "lease_expires_at": None,
+        }
+        target = TaskStatus.RETRYING
+    else:
+        values = {
+            "status": TaskStatus.FAILED.value,
+            "error": error,
+            "finished_at": now,
+            "updated_at": now,
+            "lease_expires_at": None,
+        }
+        target = TaskStatus.FAILED
+    outcome = session.execute(
+        update(Task)
+        .where(_fenced(claim))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return target if _rowcount(outcome) == 1 else None
+
+
+def give_up(*, session: Session, claim: Claim, reason: str) -> bool:
+    """End a poison task: it was handed out too often without ever finishing."""
+    return (
+        fail(
+            session=session,
+            claim=claim,
+            error={"type": "WorkerLost", "message": reason},
+            retry_in=None,
+        )
+        is TaskStatus.FAILED
+    )
+
+
+def reap_expired_leases(*, session: Session, max_deliveries: int) -> tuple[int, int]:
+    """RUNNING rows whose worker vanished: hand them out again, or end them as FAILED."""
+    now = utcnow()
+    expired = and_(Task.status == TaskStatus.RUNNING.value, Task.lease_expires_at < now)
+    failed = session.execute(
+        update(Task)
+        .where(expired, Task.deliveries >= max_deliveries)
+        .values(
+            status=TaskStatus.FAILED.value,
+            error={
+                "type": "WorkerLost",
+                "message": f"the worker was lost {max_deliveries} times running this attempt",
+            },
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    requeued = session.execute(
+        update(Task)
+        .where(expired)
+        .values(
+            status=TaskStatus.QUEUED.value,
+            published_at=None,
+            lease_expires_at=None,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(requeued), _rowcount(failed)
+
+
+def forget_stale_publications(*, session: Session, older_than: float) -> int:
+    """Waiting rows published long ago and never claimed: the message may be lost (a flushed
+    broker). Publishing again is safe, since a duplicate message finds the task taken."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    result = session.execute(
+        update(Task)
+        .where(Task.status.in_([state.value for state in WAITING]), Task.published_at < cutoff)
+        .values(published_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result)
+
+
+def due_unpublished(
+    *, session: Session, limit: int, grace: float, lock: bool
+) -> list[Task]:
+    """The outbox: waiting rows the broker has not been told about, due now.
+
+    Rows changed in the last `grace` seconds are left to the API's own publish, so the
+    two rarely send the same message twice (twice is harmless, only wasteful).
+    """
+    now = utcnow()
+    query = (
+        select(Task)
+        .where(
+            Task.status.in_([state.value for state in WAITING]),
+            Task.published_at.is_(None),
+            Task.run_after <= now,
+            Task.updated_at <= now - timedelta(seconds=grace),
+        )
+        .order_by(Task.priority.desc(), Task.run_after)
+        .limit(limit)
+    )
+    if lock:
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def mark_many_published(*, session: Session, published: list[tuple[uuid.UUID, int]]) -> None:
+    now = utcnow()
+    for task_id, attempt in published:
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.attempt == attempt, Task.published_at.is_(None))
+            .values(published_at=now, queued_at=func.coalesce(Task.queued_at, now))
+            .execution_options(synchronize_session=False)
+        )

@@ -1,0 +1,110 @@
+"""Ring the doorbell: tell the broker that a committed record is ready, by id and attempt."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from app.core.celery import HARD_LIMIT_GRACE, JOB_NAME
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    """What the broker carries: never the payload, only where to find it."""
+
+    task_id: uuid.UUID
+    attempt: int
+    type: str
+    queue: str
+    priority: int
+    time_limit: float | None
+
+
+def message_id(task_id: uuid.UUID, attempt: int) -> str:
+    """One Celery id per attempt, so revoking an attempt never blocks a later retry."""
+    return f"{task_id}.{attempt}"
+
+
+def send(app: Celery, bell: Doorbell, *, connection: Any = None) -> None:
+    """Publish one message, without Celery's own retry loop (it can stall for seconds)."""
+    options: dict[str, Any] = {}
+    if bell.time_limit:
+        options["soft_time_limit"] = bell.time_limit
+        options["time_limit"] = bell.time_limit + HARD_LIMIT_GRACE
+    broker = app.conf.broker_url.split("://", 1)[0]
+    # Redis sorts priority 0 first, RabbitMQ 9 first; the API speaks RabbitMQ's language.
+    priority = 9 - bell.priority if broker.startswith("redis") else bell.priority
+    app.send_task(
+        JOB_NAME,
+        args=(str(bell.task_id), bell.attempt),
+        queue=bell.queue,
+        priority=priority,
+        task_id=message_id(bell.task_id, bell.attempt),
+        retry=False,
+        connection=connection,
+        headers={"taskdock_type": bell.type},
+        **options,
+    )
+
+
+class Publisher:
+    """A bounded publish for the request path: it never blocks longer than `timeout`.
+
+    After a failure it stays quiet for a few seconds, so a dead broker costs the API
+    nothing; the dispatcher publishes what was skipped.
+    """
+
+    def __init__(self, app: Celery, *, timeout: float, quiet_seconds: float = 5.0) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.quiet_seconds = quiet_seconds
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="publish")
+        self._quiet_until = 0.0
+        self._lock = threading.Lock()
+
+    def try_publish(self, bell: Doorbell) -> bool:
+        if time.monotonic() < self._quiet_until:
+            return False
+        future = self._executor.submit(send, self.app, bell)
+        try:
+            future.result(timeout=self.timeout)
+        except FutureTimeout:
+            self._quiet(f"publish took over {self.timeout}s")
+            return False
+        except Exception as exc:  # kombu raises several families; every one means "not sent"
+            self._quiet(f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def _quiet(self, reason: str) -> None:
+        with self._lock:
+            self._quiet_until = time.monotonic() + self.quiet_seconds
+        logger.warning(
+            "broker publish failed; the dispatcher will publish", extra={"reason": reason}
+        )
+
+    def revoke(self, task_id: uuid.UUID, attempt: int) -> None:
+        """Best effort: stop a running execution now; the record already says CANCELLED."""
+
+        def _revoke() -> None:
+            try:
+                self.app.control.revoke(
+                    message_id(task_id, attempt), terminate=True, signal="SIGTERM"
+                )
+            except Exception as exc:
+                logger.warning("revoke failed", extra={"task_id": str(task_id), "reason": str(exc)})
+
+        self._executor.submit(_revoke)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

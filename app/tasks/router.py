@@ -1,0 +1,161 @@
+"""/api/v1/tasks and /api/v1/task-types."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from app.api.deps import OwnerDep, PublisherDep, SessionDep
+from app.core.errors import error_body
+from app.db.base import utcnow
+from app.tasks import service
+from app.tasks.registry import all_task_types
+from app.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskTypeRead
+from app.tasks.states import TaskStatus
+
+router = APIRouter(tags=["tasks"])
+
+_ERROR = {"content": {"application/json": {"example": error_body(code="...", message="...")}}}
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="Repeating a request with the same key returns the first task.",
+    ),
+]
+
+
+def _publish_if_due(*, session: SessionDep, publisher: PublisherDep, task: TaskRead) -> None:
+    """After the commit: ring the broker now if the task is due; the dispatcher covers misses."""
+    if task.run_after > utcnow() or task.status is not TaskStatus.QUEUED:
+        return
+    bell = service.doorbell_for(
+        type_=task.type, task_id=task.id, attempt=task.attempt, queue=task.queue,
+        priority=task.priority,
+    )
+    if publisher.try_publish(bell):
+        service.mark_published(session=session, task_id=task.id, attempt=task.attempt)
+        session.commit()
+
+
+@router.post(
+    "/tasks",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskRead,
+    summary="Submit a task",
+    responses={
+        200: {"model": TaskRead, "description": "A repeat of an earlier Idempotency-Key"},
+        409: {"description": "Idempotency-Key reused with a different body", **_ERROR},
+        413: {"description": "Body too large", **_ERROR},
+        422: {"description": "Unknown type or invalid payload", **_ERROR},
+        503: {"description": "The database is unavailable; nothing was recorded", **_ERROR},
+    },
+)
+def submit_task(
+    data: TaskCreate,
+    session: SessionDep,
+    publisher: PublisherDep,
+    owner: OwnerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> TaskRead:
+    task, created = service.submit(
+        session=session, data=data, owner=owner, idempotency_key=idempotency_key
+    )
+    session.commit()  # durable before anything else happens
+    read = TaskRead.model_validate(task)
+    response.headers["Location"] = f"/api/v1/tasks/{task.id}"
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return read
+    _publish_if_due(session=session, publisher=publisher, task=read)
+    return read
+
+
+@router.get(
+    "/tasks",
+    response_model=TaskPage,
+    summary="List tasks, newest first",
+    responses={422: {"description": "Invalid filter or cursor", **_ERROR}},
+)
+def list_tasks(
+    session: SessionDep,
+    owner: OwnerDep,
+    status_: Annotated[TaskStatus | None, Query(alias="status")] = None,
+    type_: Annotated[str | None, Query(alias="type", max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> TaskPage:
+    items, next_cursor = service.list_tasks(
+        session=session, owner=owner, status=status_, type_=type_, limit=limit, cursor=cursor
+    )
+    return TaskPage(items=[TaskRead.model_validate(task) for task in items], next_cursor=next_cursor)
+
+
+@router.get(
+    "/tasks/{task_id}",
+    response_model=TaskRead,
+    summary="Read a task",
+    responses={404: {"description": "No such task", **_ERROR}},
+)
+def get_task(task_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> TaskRead:
+    return TaskRead.model_validate(service.get(session=session, task_id=task_id, owner=owner))
+
+
+@router.post(
+    "/tasks/{task_id}/cancel",
+    response_model=TaskRead,
+    summary="Cancel a queued or running task",
+    responses={
+        404: {"description": "No such task", **_ERROR},
+        409: {"description": "The task has already finished", **_ERROR},
+    },
+)
+def cancel_task(
+    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, owner: OwnerDep
+) -> TaskRead:
+    task, was_running = service.cancel(session=session, task_id=task_id, owner=owner)
+    session.commit()
+    if was_running:
+        publisher.revoke(task.id, task.attempt)
+    return TaskRead.model_validate(task)
+
+
+@router.post(
+    "/tasks/{task_id}/retry",
+    response_model=TaskRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Run a FAILED or CANCELLED task again as a new attempt",
+    responses={
+        404: {"description": "No such task", **_ERROR},
+        409: {"description": "The task is not FAILED or CANCELLED", **_ERROR},
+    },
+)
+def retry_task(
+    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, owner: OwnerDep
+) -> TaskRead:
+    task = service.retry(session=session, task_id=task_id, owner=owner)
+    session.commit()
+    read = TaskRead.model_validate(task)
+    _publish_if_due(session=session, publisher=publisher, task=read)
+    return read
+
+
+@router.get("/task-types", response_model=list[TaskTypeRead], summary="Registered task types")
+def list_task_types() -> list[TaskTypeRead]:
+    return [
+        TaskTypeRead(
+            name=task.name,
+            description=task.description,
+            queue=task.queue,
+            max_attempts=task.max_attempts,
+            time_limit=task.time_limit,
+            input_schema=task.input_model.model_json_schema(),
+            output_schema=task.output_model.model_json_schema() if task.output_model else None,
+        )
+        for task in all_task_types()
+    ]

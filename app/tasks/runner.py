@@ -1,0 +1,144 @@
+"""Run one delivery of one attempt: claim the record, keep the lease, write the outcome."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from enum import StrEnum
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.core.logging import log_context
+from app.tasks import lifecycle
+from app.tasks.registry import TaskContext, TaskType, UnknownTaskType, get_task_type
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    STALE = "stale"  # the message was for a finished, cancelled, held or older attempt
+    LOST = "lost"  # the run lost its lease while running; its result was discarded
+
+
+class LeaseKeeper(threading.Thread):
+    """Extends the lease while the run lives; tells the run to stop once the lease is lost."""
+
+    def __init__(self, *, claim: lifecycle.Claim, ctx: TaskContext, lease_seconds: float) -> None:
+        super().__init__(name=f"lease-{claim.task_id}", daemon=True)
+        self.claim = claim
+        self.ctx = ctx
+        self.lease_seconds = lease_seconds
+        self.interval = lease_seconds / 3
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                with session_scope() as session:
+                    held = lifecycle.renew_lease(
+                        session=session, claim=self.claim, lease_seconds=self.lease_seconds
+                    )
+            except Exception:
+                # The database is away; the lease may run out and the task be handed out again.
+                logger.warning("lease renewal failed", exc_info=True)
+                continue
+            if not held:
+                logger.info("lease lost: the task was cancelled or handed to another worker")
+                self.ctx.cancel()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings) -> Outcome:
+    with session_scope() as session:
+        claim = lifecycle.claim(
+            session=session,
+            task_id=task_id,
+            attempt=attempt,
+            worker=f"{worker}:{os.getpid()}",
+            lease_seconds=settings.task_lease_seconds,
+        )
+    if claim is None:
+        logger.info("stale delivery skipped")
+        return Outcome.STALE
+    token = log_context.set(
+        {**(log_context.get() or {}), "task_type": claim.type, "attempt": attempt}
+    )
+    try:
+        return _run(claim=claim, settings=settings)
+    finally:
+        log_context.reset(token)
+
+
+def _run(*, claim: lifecycle.Claim, settings: Settings) -> Outcome:
+    if claim.delivery > settings.task_max_deliveries:
+        # Every earlier delivery of this attempt died with its worker: a poison task.
+        with session_scope() as session:
+            lifecycle.give_up(
+                session=session,
+                claim=claim,
+                reason=f"the worker was lost {claim.delivery - 1} times running this attempt",
+            )
+        logger.error("poison task failed after repeated worker loss")
+        return Outcome.FAILED
+
+    try:
+        task_type = get_task_type(claim.type)
+    except UnknownTaskType as exc:
+        return _record_failure(claim=claim, exc=exc, task_type=None)
+
+    ctx = TaskContext(task_id=str(claim.task_id), attempt=claim.attempt, delivery=claim.delivery)
+    keeper = LeaseKeeper(claim=claim, ctx=ctx, lease_seconds=settings.task_lease_seconds)
+    keeper.start()
+    logger.info("task started")
+    try:
+        payload = task_type.validate_payload(claim.payload)
+        result = task_type.dump_result(task_type.func(payload, ctx))
+    except ValidationError as exc:
+        keeper.stop()
+        # Bad input never gets better by retrying.
+        return _record_failure(claim=claim, exc=exc, task_type=None)
+    except Exception as exc:
+        keeper.stop()
+        if ctx.cancelled:
+            return Outcome.LOST
+        return _record_failure(claim=claim, exc=exc, task_type=task_type)
+    keeper.stop()
+    if ctx.cancelled:
+        logger.info("result discarded: the run lost its lease")
+        return Outcome.LOST
+    with session_scope() as session:
+        written = lifecycle.succeed(session=session, claim=claim, result=result)
+    if not written:
+        logger.info("result discarded: a newer run or a cancel owns the record")
+        return Outcome.LOST
+    logger.info("task succeeded")
+    return Outcome.SUCCEEDED
+
+
+def _record_failure(
+    *, claim: lifecycle.Claim, exc: BaseException, task_type: TaskType | None
+) -> Outcome:
+    retry_in: float | None = None
+    if task_type is not None and isinstance(exc, task_type.retry.retry_on):
+        retry_in = task_type.retry.delay(claim.attempt)
+    error: dict[str, Any] = lifecycle.error_record(exc)
+    with session_scope() as session:
+        status = lifecycle.fail(session=session, claim=claim, error=error, retry_in=retry_in)
+    if status is None:
+        return Outcome.LOST
+    logger.warning(
+        "task failed",
+        extra={"error_type": error["type"], "will_retry": status.value == "RETRYING"},
+    )
+    return Outcome.RETRYING if status.value == "RETRYING" else Outcome.FAILED

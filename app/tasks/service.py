@@ -1,0 +1,241 @@
+"""The API side of the record: submit, read, list, cancel, retry. Callers commit."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.errors import InvalidInput, field_errors
+from app.db.base import utcnow
+from app.tasks import lifecycle
+from app.tasks.exceptions import IdempotencyConflict, TaskFinished, TaskNotFound
+from app.tasks.models import Task
+from app.tasks.publisher import Doorbell
+from app.tasks.registry import get_task_type
+from app.tasks.schemas import TaskCreate
+from app.tasks.states import TaskStatus, check_transition, sources
+
+
+def request_hash(data: TaskCreate) -> str:
+    canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit(
+    *, session: Session, data: TaskCreate, owner: str, idempotency_key: str | None
+) -> tuple[Task, bool]:
+    """Record a new task (QUEUED, not yet published); returns (task, created)."""
+    task_type = get_task_type(data.type)
+    try:
+        payload = task_type.validate_payload(data.payload).model_dump(mode="json")
+    except ValidationError as exc:
+        fields = field_errors(exc.errors())
+        for error in fields:
+            error["loc"] = ["body", "payload", *error["loc"]]
+        raise InvalidInput("payload does not match the task type's input", fields=fields) from None
+
+    digest = request_hash(data)
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
+        if existing is not None:
+            return _same_request(existing, digest), False
+
+    now = utcnow()
+    run_after = now
+    if data.countdown is not None:
+        run_after = now + timedelta(seconds=data.countdown)
+    elif data.eta is not None:
+        run_after = max(now, data.eta)
+    task = Task(
+        id=uuid.uuid4(),
+        type=task_type.name,
+        payload=payload,
+        status=TaskStatus.QUEUED.value,
+        queue=data.queue or task_type.queue,
+        priority=data.priority,
+        attempt=1,
+        max_attempts=task_type.max_attempts,
+        deliveries=0,
+        run_after=run_after,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        created_at=now,
+        updated_at=now,
+    )
+    if idempotency_key is None:
+        session.add(task)
+        session.flush()
+        return task, True
+    try:
+        with session.begin_nested():
+            session.add(task)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request with the same key won the insert; answer with its task.
+        existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
+        if existing is None:
+            raise
+        return _same_request(existing, digest), False
+    return task, True
+
+
+def _by_idempotency_key(*, session: Session, owner: str, key: str) -> Task | None:
+    return session.scalars(
+        select(Task).where(Task.owner == owner, Task.idempotency_key == key)
+    ).one_or_none()
+
+
+def _same_request(task: Task, digest: str) -> Task:
+    if task.request_hash != digest:
+        raise IdempotencyConflict(task_id=str(task.id))
+    return task
+
+
+def get(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
+    """A task by id; another owner's task is as absent as an unknown one."""
+    query = select(Task).where(Task.id == task_id)
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    task = session.scalars(query).one_or_none()
+    if task is None:
+        raise TaskNotFound(task_id=str(task_id))
+    return task
+
+
+def encode_cursor(task: Task) -> str:
+    raw = f"{task.created_at.isoformat()}|{task.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, task_id = raw.split("|", 1)
+        parsed = datetime.fromisoformat(created)
+        if parsed.tzinfo is None:
+            raise ValueError("naive")
+        return parsed, uuid.UUID(task_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidInput(
+            "malformed cursor",
+            fields=[{"loc": ["query", "cursor"], "msg": "malformed cursor", "type": "value_error"}],
+        ) from None
+
+
+def list_tasks(
+    *,
+    session: Session,
+    owner: str | None,
+    status: TaskStatus | None,
+    type_: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Task], str | None]:
+    """A page, newest first, by keyset on (created_at, id) so pages never shift."""
+    query = select(Task)
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    if status is not None:
+        query = query.where(Task.status == status.value)
+    if type_ is not None:
+        query = query.where(Task.type == type_)
+    if cursor is not None:
+        created_at, task_id = decode_cursor(cursor)
+        query = query.where(
+            or_(Task.created_at < created_at, and_(Task.created_at == created_at, Task.id < task_id))
+        )
+    rows = list(
+        session.scalars(query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1))
+    )
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> tuple[Task, bool]:
+    """Record CANCELLED; returns (task, was_running) so the caller can revoke after commit."""
+    task = get(session=session, task_id=task_id, owner=owner)
+    current = TaskStatus(task.status)
+    if current.terminal:
+        raise TaskFinished(f"a {current.value} task cannot be cancelled", status=current.value)
+    check_transition(current, TaskStatus.CANCELLED)
+    now = utcnow()
+    changed = session.execute(
+        update(Task)
+        .where(
+            Task.id == task.id,
+            Task.attempt == task.attempt,
+            Task.status.in_(sources(TaskStatus.CANCELLED)),
+        )
+        .values(
+            status=TaskStatus.CANCELLED.value,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    session.refresh(task)
+    if not changed:
+        # It finished between our read and our write.
+        raise TaskFinished(f"a {task.status} task cannot be cancelled", status=task.status)
+    return task, current is TaskStatus.RUNNING
+
+
+def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
+    """Run a FAILED or CANCELLED task again as a new attempt with a fresh retry budget."""
+    task = get(session=session, task_id=task_id, owner=owner)
+    check_transition(TaskStatus(task.status), TaskStatus.QUEUED)
+    now = utcnow()
+    task_type = get_task_type(task.type)
+    task.attempt += 1
+    task.max_attempts = task.attempt + task_type.retry.max_retries
+    task.status = TaskStatus.QUEUED.value
+    task.deliveries = 0
+    task.run_after = now
+    task.published_at = None
+    task.queued_at = None
+    task.lease_expires_at = None
+    task.started_at = None
+    task.finished_at = None
+    task.result = None
+    task.error = None
+    task.updated_at = now
+    session.flush()
+    return task
+
+
+def doorbell(task: Task) -> Doorbell:
+    return doorbell_for(
+        type_=task.type,
+        task_id=task.id,
+        attempt=task.attempt,
+        queue=task.queue,
+        priority=task.priority,
+    )
+
+
+def doorbell_for(
+    *, type_: str, task_id: uuid.UUID, attempt: int, queue: str, priority: int
+) -> Doorbell:
+    return Doorbell(
+        task_id=task_id,
+        attempt=attempt,
+        type=type_,
+        queue=queue,
+        priority=priority,
+        time_limit=get_task_type(type_).time_limit,
+    )
+
+
+def mark_published(*, session: Session, task_id: uuid.UUID, attempt: int) -> None:
+    lifecycle.mark_many_published(session=session, published=[(task_id, attempt)])

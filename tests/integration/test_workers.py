@@ -1,0 +1,222 @@
+"""The whole system with real Celery workers, on every backend:
+SQLite + filesystem broker, PostgreSQL + Redis, PostgreSQL + RabbitMQ."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from kombu import Connection
+from sqlalchemy import func, select
+
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.tasks.models import Task
+from tests.support.stack import Stack, wait_status
+
+pytestmark = pytest.mark.slow
+
+FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def submit(client: Any, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    response = client.post("/api/v1/tasks", json=body, **kwargs)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def test_submit_runs_to_succeeded(stack: Stack, backend_client: TestClient) -> None:
+    stack.worker()
+    stack.dispatcher()
+    task = submit(
+        backend_client, {"type": "process_data", "payload": {"user_id": 3, "data": "a  b c"}}
+    )
+
+    done = wait_status(backend_client, task["id"], FINISHED)
+
+    assert done["status"] == "SUCCEEDED", done
+    assert done["result"]["processed"] == "A B C"
+    assert done["result"]["words"] == 3
+    assert done["deliveries"] == 1
+    assert done["started_at"] <= done["finished_at"]
+    assert done["queued_at"] is not None
+
+
+def test_failure_is_recorded_with_the_error(stack: Stack, backend_client: TestClient) -> None:
+    stack.worker()
+    task = submit(backend_client, {"type": "tests.no_retry", "payload": {}})
+
+    done = wait_status(backend_client, task["id"], FINISHED)
+
+    assert done["status"] == "FAILED"
+    assert done["attempt"] == 1  # not in retry_on: no second attempt
+    assert done["error"]["type"] == "NoRetryError"
+    assert done["error"]["message"] == "not retryable"
+    assert "Traceback" in done["error"]["traceback"]
+
+
+def test_invalid_output_fails_without_retry(stack: Stack, backend_client: TestClient) -> None:
+    stack.worker()
+    task = submit(backend_client, {"type": "tests.bad_output", "payload": {}})
+
+    done = wait_status(backend_client, task["id"], FINISHED)
+
+    assert done["status"] == "FAILED"
+    assert done["error"]["type"] == "ValidationError"
+    assert done["attempt"] == 1
+
+
+def test_retry_policy_runs_again_until_success(stack: Stack, backend_client: TestClient) -> None:
+    stack.worker()
+    stack.dispatcher()
+    task = submit(backend_client, {"type": "tests.flaky", "payload": {"fail_times": 2}})
+
+    done = wait_status(backend_client, task["id"], FINISHED)
+
+    assert done["status"] == "SUCCEEDED", done
+    assert done["attempt"] == 3
+    assert done["result"] == {"attempt": 3}
+
+
+def test_retry_policy_gives_up_after_max_retries(
+    stack: Stack, backend_client: TestClient
+) -> None:
+    stack.worker()
+    stack.dispatcher()
+    task = submit(backend_client, {"type": "tests.flaky", "payload": {"fail_times": 9}})
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        current = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+        seen.add(current["status"])
+        if current["status"] in FINISHED:
+            break
+        time.sleep(0.05)
+
+    assert current["status"] == "FAILED"
+    assert current["attempt"] == current["max_attempts"] == 3
+    assert current["error"]["type"] == "FlakyError"
+    assert current["error"]["message"] == "failing attempt 3"
+    assert "RETRYING" in seen
+
+
+def test_cancel_running_task(stack: Stack, backend_client: TestClient) -> None:
+    stack.worker(concurrency=1)
+    stack.dispatcher()
+    task = submit(backend_client, {"type": "sleep", "payload": {"seconds": 60}})
+    wait_status(backend_client, task["id"], {"RUNNING"})
+
+    response = backend_client.post(f"/api/v1/tasks/{task['id']}/cancel")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "CANCELLED"
+    # The single pool slot is freed: the next task runs long before the sleep would end.
+    after = submit(backend_client, {"type": "process_data", "payload": {"user_id": 1, "data": "x"}})
+    assert wait_status(backend_client, after["id"], FINISHED, timeout=20)["status"] == "SUCCEEDED"
+    final = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    assert final["status"] == "CANCELLED"
+    assert final["result"] is None
+
+
+def test_idempotency_under_concurrent_repeats(stack: Stack, backend: dict[str, str]) -> None:
+    _, base = stack.api(workers=2)
+    body = {"type": "process_data", "payload": {"user_id": 9, "data": "once"}}
+    key = f"concurrent-{uuid.uuid4()}"
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(
+            f"{base}/api/v1/tasks", json=body, headers={"Idempotency-Key": key}, timeout=30
+        )
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(post, range(20)))
+
+    codes = sorted(response.status_code for response in responses)
+    assert codes == [200] * 19 + [202], [r.text for r in responses if r.status_code >= 300]
+    assert len({response.json()["id"] for response in responses}) == 1
+    with session_scope() as session:
+        count = session.scalar(
+            select(func.count()).select_from(Task).where(Task.idempotency_key == key)
+        )
+    assert count == 1
+
+
+def test_countdown_is_held_in_the_database_until_due(
+    stack: Stack, backend_client: TestClient
+) -> None:
+    stack.worker()
+    stack.dispatcher()
+    task = submit(
+        backend_client,
+        {"type": "process_data", "payload": {"user_id": 1, "data": "later"}, "countdown": 3},
+    )
+
+    time.sleep(1.5)
+    early = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    assert early["status"] == "QUEUED"
+    assert early["queued_at"] is None  # not on the broker: nothing there to redeliver in a loop
+    done = wait_status(backend_client, task["id"], FINISHED, timeout=20)
+
+    assert done["status"] == "SUCCEEDED"
+    assert done["deliveries"] == 1
+    assert done["started_at"] >= task["run_after"]
+
+
+def test_pickled_message_is_refused(stack: Stack, backend_client: TestClient) -> None:
+    worker = stack.worker()
+    # A record no one has published; a pickled message for it arrives on the queue.
+    task = submit(
+        backend_client,
+        {"type": "process_data", "payload": {"user_id": 1, "data": "x"}, "countdown": 600},
+    )
+    settings = get_settings()
+    with Connection(
+        settings.celery_broker_url, transport_options=dict(stack_transport_options())
+    ) as connection:
+        producer = connection.Producer(serializer="pickle")
+        producer.publish(
+            [[task["id"], 1], {}, {"callbacks": None, "errbacks": None, "chain": None}],
+            routing_key="default",
+            exchange="",
+            headers={"task": "taskdock.execute", "id": f"{task['id']}.1", "lang": "py"},
+            declare=[],
+            serializer="pickle",
+        )
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "pickle" not in worker.output():
+        time.sleep(0.2)
+
+    assert "pickle" in worker.output()
+    assert "ContentDisallowed" in worker.output() or "Refusing" in worker.output()
+    current = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    assert current["status"] == "QUEUED"
+    assert current["deliveries"] == 0
+
+
+def stack_transport_options() -> dict[str, Any]:
+    from app.core.celery import broker_options
+
+    return broker_options(get_settings())
+
+
+def test_worker_finishes_its_task_on_sigterm(stack: Stack, backend_client: TestClient) -> None:
+    worker = stack.worker()
+    task = submit(backend_client, {"type": "sleep", "payload": {"seconds": 2}})
+    wait_status(backend_client, task["id"], {"RUNNING"})
+
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGTERM)
+    code = worker.process.wait(timeout=30)
+
+    assert code == 0, worker.output()[-3000:]
+    done = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    assert done["status"] == "SUCCEEDED"
+    assert done["deliveries"] == 1

@@ -1,0 +1,210 @@
+"""Run taskdock's processes (API, workers, dispatcher) as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.services import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment of one test system: its own data, quick leases, the test task types."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("TASKDOCK_")
+    }
+    env.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "TASKDOCK_ENVIRONMENT": "test",
+            "TASKDOCK_DATA_DIR": str(data_dir),
+            "TASKDOCK_SECRETS_DIR": str(data_dir / "no-secrets"),
+            "TASKDOCK_LOG_FORMAT": "json",
+            "TASKDOCK_LOG_LEVEL": "INFO",
+            "TASKDOCK_TASK_MODULES": "tests.support.tasks",
+            "TASKDOCK_TASK_LEASE_SECONDS": "3",
+            "TASKDOCK_REAPER_INTERVAL": "0.5",
+            "TASKDOCK_DISPATCHER_INTERVAL": "0.2",
+            "TASKDOCK_DISPATCH_GRACE_SECONDS": "0.3",
+            "TASKDOCK_WORKER_HEARTBEAT_FILE": str(data_dir / "worker.heartbeat"),
+            "TASKDOCK_DISPATCHER_HEARTBEAT_FILE": str(data_dir / "dispatcher.heartbeat"),
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.log.open("ab")
+        # Its own session, so a kill reaches the whole process group (pool children too).
+        self.process = subprocess.Popen(  # noqa: S603
+            self.args,
+            env=self.env,
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        handle.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal_group(self, signum: int) -> None:
+        if self.alive():
+            os.killpg(self.pid, signum)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM (warm shutdown), then SIGKILL to the group if it does not finish in time."""
+        if self.process is None:
+            return None
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._reap_group()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL to the whole group: the machine pulled out from under it."""
+        if self.process is None:
+            return
+        self.signal_group(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self._reap_group()
+
+    def _reap_group(self) -> None:
+        # Pool children of a killed worker may linger for a moment; none may outlive the test.
+        assert self.process is not None
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Stack:
+    """The processes of one test system, all stopped when the test ends."""
+
+    env: dict[str, str]
+    logs: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(
+            name=name,
+            args=[sys.executable, "-m", "app.cli", *args],
+            env=env or self.env,
+            log=self.logs / f"{name}.log",
+        )
+        self.procs.append(proc.start())
+        return proc
+
+    def worker(self, name: str = "w1", *, concurrency: int = 1, wait: bool = True) -> Proc:
+        heartbeat = self.logs / f"{name}.heartbeat"
+        heartbeat.unlink(missing_ok=True)
+        env = {**self.env, "TASKDOCK_WORKER_HEARTBEAT_FILE": str(heartbeat)}
+        proc = self._spawn(
+            name,
+            "worker",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            env=env,
+        )
+        if wait:
+            wait_for(
+                lambda: heartbeat.exists() or not proc.alive(),
+                timeout=60,
+                what=f"worker {name} to consume",
+            )
+            assert proc.alive(), proc.output()[-3000:]
+        return proc
+
+    def dispatcher(self, name: str = "dispatcher") -> Proc:
+        return self._spawn(name, "dispatcher")
+
+    def api(self, name: str = "api", *, workers: int = 1) -> tuple[Proc, str]:
+        port = free_port()
+        proc = self._spawn(name, "api", "--port", str(port), "--workers", str(workers))
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.alive(), proc.output()[-3000:]
+            try:
+                return httpx.get(f"{base}/health/live", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout=60, what=f"api {name}")
+        return proc, base
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(timeout=20)
+
+    def dump_logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.output()[-4000:]}" for p in self.procs)
+
+
+@contextmanager
+def running_stack(env: dict[str, str], logs: Path) -> Iterator[Stack]:
+    stack = Stack(env=env, logs=logs)
+    try:
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+def wait_status(
+    client: Any, task_id: str, statuses: set[str], *, timeout: float = 30
+) -> dict[str, Any]:
+    """Poll the API until the task reaches one of `statuses`."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = client.get(f"/api/v1/tasks/{task_id}")
+        assert response.status_code == 200, response.text
+        last = response.json()
+        if last["status"] in statuses:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} stuck at {last.get('status')}: {last}")
