@@ -222,12 +222,16 @@ def status(
             select(func.count()).where(Task.status == "RUNNING", Task.lease_expires_at < now)
         )
         oldest = session.scalar(select(func.min(Task.created_at)).where(Task.status.in_(waiting)))
-    typer.echo("tasks by status: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    typer.echo(
+        "tasks by status: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+    )
     typer.echo(f"outbox (due, not yet published): {outbox}")
     typer.echo(f"scheduled for later (countdown, eta, retry backoff): {scheduled}")
     typer.echo(f"running with an expired lease (worker lost): {expired}")
     if oldest is not None:
-        typer.echo(f"oldest waiting task: {timedelta(seconds=int((now - oldest).total_seconds()))} old")
+        typer.echo(
+            f"oldest waiting task: {timedelta(seconds=int((now - oldest).total_seconds()))} old"
+        )
     if workers:
         replies = get_celery_app().control.ping(timeout=2.0) or []
         typer.echo(f"workers answering: {len(replies)}")

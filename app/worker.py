@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from app.core.config import get_settings
 from app.core.db import set_process_role
-from app.tasks.registry import load_task_modules
 from app.core.worker import install_worker_hooks
+from app.tasks.registry import load_task_modules
 
 set_process_role("worker")
 load_task_modules(get_settings().task_modules)

@@ -69,7 +69,9 @@ def client(embedded_env: dict[str, str]) -> Iterator[TestClient]:
         yield test_client
 
 
-def backend_env(kind: str, data_dir: Path, database_url: str | None, **extra: str) -> dict[str, str]:
+def backend_env(
+    kind: str, data_dir: Path, database_url: str | None, **extra: str
+) -> dict[str, str]:
     overrides = dict(extra)
     if kind != "embedded":
         assert database_url is not None
@@ -84,8 +86,10 @@ def backend_env(kind: str, data_dir: Path, database_url: str | None, **extra: st
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path, configure: object) -> Iterator[dict[str, str]]:
-    """Each backend in turn: SQLite + filesystem broker, PostgreSQL + Redis, PostgreSQL + RabbitMQ."""
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, configure: object
+) -> Iterator[dict[str, str]]:
+    """Each backend in turn: SQLite + filesystem, PostgreSQL + Redis, PostgreSQL + RabbitMQ."""
     kind: str = request.param
     if kind == "embedded":
         env = backend_env(kind, tmp_path / "data", None)

@@ -28,16 +28,16 @@ def check_database() -> None:
 def broker_check(app: Celery, timeout: float) -> Callable[[], None]:
     def check() -> None:
         with app.connection_for_read() as connection:
-            connection.ensure_connection(max_retries=0, timeout=timeout)
+            connection.ensure_connection(max_retries=0, timeout=max(1, int(timeout)))
             connection.default_channel  # noqa: B018 - opening a channel proves the broker answers
 
     return check
 
 
-async def bounded(check: Callable[[], Any], timeout: float) -> bool:
+async def bounded(check: Callable[[], Any], limit: float) -> bool:
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(loop.run_in_executor(_executor, check), timeout)
+        await asyncio.wait_for(loop.run_in_executor(_executor, check), limit)
     except Exception as exc:
         logger.warning(
             "health check failed",

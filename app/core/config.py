@@ -14,8 +14,8 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
-    SettingsError,
     SettingsConfigDict,
+    SettingsError,
 )
 from sqlalchemy.engine import make_url
 

@@ -90,9 +90,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
         return JSONResponse(
             status_code=exc.status_code,
-            content=jsonable_encoder(
-                error_body(code=exc.code, message=exc.message, **exc.details)
-            ),
+            content=jsonable_encoder(error_body(code=exc.code, message=exc.message, **exc.details)),
             headers=exc.headers or None,
         )
 

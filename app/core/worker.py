@@ -17,14 +17,14 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 5.0
 
 
-class ConsumerHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
+class ConsumerHeartbeat(bootsteps.StartStopStep):
     """Touches a file from the consumer's own event loop.
 
     A worker whose consumer stopped (celery/celery#8082: silent after a Redis reconnect)
     stops touching it, which `celery inspect ping` cannot see.
     """
 
-    requires = {"celery.worker.consumer.tasks:Tasks"}
+    requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)

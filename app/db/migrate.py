@@ -1,4 +1,7 @@
-"""Alembic, driven from code, under a database lock so replicas never race (sqlalchemy/alembic#633)."""
+"""Alembic, driven from code, under a database lock so replicas never race.
+
+See sqlalchemy/alembic#633: two replicas migrating at once corrupt the version table.
+"""
 
 from __future__ import annotations
 

@@ -216,9 +216,7 @@ def forget_stale_publications(*, session: Session, older_than: float) -> int:
     return _rowcount(result)
 
 
-def due_unpublished(
-    *, session: Session, limit: int, grace: float, lock: bool
-) -> list[Task]:
+def due_unpublished(*, session: Session, limit: int, grace: float, lock: bool) -> list[Task]:
     """The outbox: waiting rows the broker has not been told about, due now.
 
     Rows changed in the last `grace` seconds are left to the API's own publish, so the

@@ -28,11 +28,11 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt + 1`."""
-        ceiling = min(self.backoff_max, self.backoff * (2 ** max(attempt - 1, 0)))
+        ceiling: float = min(self.backoff_max, self.backoff * 2.0 ** max(attempt - 1, 0))
         if not self.jitter:
             return ceiling
         # "Equal jitter": never less than half the ceiling, so retries still back off.
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311
+        return ceiling / 2 + float(random.uniform(0, ceiling / 2))  # noqa: S311
 
 
 class TaskContext:
@@ -93,7 +93,7 @@ class UnknownTaskType(InvalidInput):
 def task_type(
     name: str,
     *,
-    input: type[InputT],  # noqa: A002 - mirrors the vocabulary of the README
+    input: type[InputT],
     output: type[BaseModel] | None = None,
     queue: str = "default",
     retry: RetryPolicy | None = None,
@@ -128,7 +128,9 @@ def get_task_type(name: str) -> TaskType:
     except KeyError:
         raise UnknownTaskType(
             f"unknown task type {name!r}",
-            fields=[{"loc": ["body", "type"], "msg": f"unknown task type {name!r}", "type": "unknown"}],
+            fields=[
+                {"loc": ["body", "type"], "msg": f"unknown task type {name!r}", "type": "unknown"}
+            ],
         ) from None
 
 

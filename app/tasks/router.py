@@ -34,7 +34,10 @@ def _publish_if_due(*, session: SessionDep, publisher: PublisherDep, task: TaskR
     if task.run_after > utcnow() or task.status is not TaskStatus.QUEUED:
         return
     bell = service.doorbell_for(
-        type_=task.type, task_id=task.id, attempt=task.attempt, queue=task.queue,
+        type_=task.type,
+        task_id=task.id,
+        attempt=task.attempt,
+        queue=task.queue,
         priority=task.priority,
     )
     if publisher.try_publish(bell):
@@ -93,7 +96,9 @@ def list_tasks(
     items, next_cursor = service.list_tasks(
         session=session, owner=owner, status=status_, type_=type_, limit=limit, cursor=cursor
     )
-    return TaskPage(items=[TaskRead.model_validate(task) for task in items], next_cursor=next_cursor)
+    return TaskPage(
+        items=[TaskRead.model_validate(task) for task in items], next_cursor=next_cursor
+    )
 
 
 @router.get(

@@ -77,7 +77,9 @@ class TaskRead(BaseModel):
 
 class TaskPage(BaseModel):
     items: list[TaskRead]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
 
 
 class TaskTypeRead(BaseModel):

@@ -152,7 +152,9 @@ def list_tasks(
     if cursor is not None:
         created_at, task_id = decode_cursor(cursor)
         query = query.where(
-            or_(Task.created_at < created_at, and_(Task.created_at == created_at, Task.id < task_id))
+            or_(
+                Task.created_at < created_at, and_(Task.created_at == created_at, Task.id < task_id)
+            )
         )
     rows = list(
         session.scalars(query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1))

@@ -84,9 +84,7 @@ def test_retry_policy_runs_again_until_success(stack: Stack, backend_client: Tes
     assert done["result"] == {"attempt": 3}
 
 
-def test_retry_policy_gives_up_after_max_retries(
-    stack: Stack, backend_client: TestClient
-) -> None:
+def test_retry_policy_gives_up_after_max_retries(stack: Stack, backend_client: TestClient) -> None:
     stack.worker()
     stack.dispatcher()
     task = submit(backend_client, {"type": "tests.flaky", "payload": {"fail_times": 9}})

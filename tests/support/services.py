@@ -96,15 +96,21 @@ class RedisServer:
         binary = shutil.which("redis-server")
         require("redis-server", binary is not None, "the redis-server binary")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             [
                 str(binary),
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
-                "--maxmemory-policy", "noeviction",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--maxmemory-policy",
+                "noeviction",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,11 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     """The environment of one test system: its own data, quick leases, the test task types."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("TASKDOCK_")
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TASKDOCK_")}
     env.update(
         {
             "PYTHONPATH": str(ROOT),
@@ -60,7 +57,7 @@ class Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         handle = self.log.open("ab")
         # Its own session, so a kill reaches the whole process group (pool children too).
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             self.args,
             env=self.env,
             cwd=ROOT,
@@ -108,10 +105,8 @@ class Proc:
     def _reap_group(self) -> None:
         # Pool children of a killed worker may linger for a moment; none may outlive the test.
         assert self.process is not None
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -33,7 +33,8 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["code"] == code, body
-    assert isinstance(body["message"], str) and body["message"]
+    assert isinstance(body["message"], str)
+    assert body["message"]
     assert "Traceback" not in response.text
     return dict(body)
 
@@ -186,7 +187,7 @@ def test_malformed_task_id_is_422(client: TestClient) -> None:
 
 
 @pytest.fixture
-def five_tasks(client: TestClient) -> Iterator[list[str]]:
+def five_tasks(client: TestClient) -> list[str]:
     ids = []
     for index in range(5):
         body = (
@@ -196,7 +197,7 @@ def five_tasks(client: TestClient) -> Iterator[list[str]]:
         )
         ids.append(client.post("/api/v1/tasks", json=body).json()["id"])
         time.sleep(0.002)
-    yield ids
+    return ids
 
 
 def test_list_newest_first_with_cursor(client: TestClient, five_tasks: list[str]) -> None:
@@ -267,7 +268,8 @@ def test_retry_cancelled_task_is_a_new_attempt(
     assert retried["max_attempts"] == 5
     assert retried["finished_at"] is None
     attempts = sorted(
-        json.loads(path.read_text())["headers"]["argsrepr"] for path in queued_messages(embedded_env)
+        json.loads(path.read_text())["headers"]["argsrepr"]
+        for path in queued_messages(embedded_env)
     )
     assert attempts == sorted([repr((task["id"], 1)), repr((task["id"], 2))])
 

@@ -6,6 +6,7 @@ Create Date: 2026-11-22
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -20,7 +21,7 @@ OUTBOX = f"{WAITING} AND published_at IS NULL"
 RUNNING = "status = 'RUNNING'"
 
 
-def _partial(where: str) -> dict[str, sa.TextClause]:
+def _partial(where: str) -> dict[str, Any]:
     return {"postgresql_where": sa.text(where), "sqlite_where": sa.text(where)}
 
 
@@ -60,14 +61,10 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("priority BETWEEN 0 AND 9", name=op.f("ck_task_priority")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_task")),
-        sa.UniqueConstraint(
-            "owner", "idempotency_key", name=op.f("uq_task_owner_idempotency_key")
-        ),
+        sa.UniqueConstraint("owner", "idempotency_key", name=op.f("uq_task_owner_idempotency_key")),
     )
     op.create_index("ix_task_owner_created", "task", ["owner", "created_at", "id"])
-    op.create_index(
-        "ix_task_owner_status_created", "task", ["owner", "status", "created_at", "id"]
-    )
+    op.create_index("ix_task_owner_status_created", "task", ["owner", "status", "created_at", "id"])
     op.create_index("ix_task_owner_type_created", "task", ["owner", "type", "created_at", "id"])
     op.create_index("ix_task_outbox", "task", ["run_after"], **_partial(OUTBOX))
     op.create_index("ix_task_published", "task", ["published_at"], **_partial(WAITING))
