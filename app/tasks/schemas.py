@@ -64,6 +64,7 @@ class TaskRead(BaseModel):
     attempt: int = Field(description="The current attempt, from 1.")
     max_attempts: int
     deliveries: int = Field(description="Times the current attempt was handed to a worker.")
+    worker: str | None = Field(default=None, description="The worker process of the latest run.")
     result: Any | None = None
     error: TaskError | None = None
     idempotency_key: str | None = None

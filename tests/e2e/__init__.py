@@ -1,0 +1,1 @@
+"""End-to-end: the image and the compose stack on a real Docker engine."""

@@ -1,0 +1,213 @@
+"""Claim, lease, fence and reap, on the real databases (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.db.base import utcnow
+from app.tasks import lifecycle, service
+from app.tasks.models import Task
+from app.tasks.schemas import TaskCreate
+from app.tasks.states import TaskStatus
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    request.getfixturevalue("embedded_env" if name == "sqlite" else "pg_env")
+    return name
+
+
+def new_task(**fields: object) -> uuid.UUID:
+    data = TaskCreate.model_validate(
+        {"type": "process_data", "payload": {"user_id": 1, "data": "x"}, **fields}
+    )
+    with session_scope() as session:
+        task, _ = service.submit(session=session, data=data, owner="", idempotency_key=None)
+        return task.id
+
+
+def claim(task_id: uuid.UUID, attempt: int = 1, worker: str = "w") -> lifecycle.Claim | None:
+    with session_scope() as session:
+        return lifecycle.claim(
+            session=session, task_id=task_id, attempt=attempt, worker=worker, lease_seconds=30
+        )
+
+
+def load(task_id: uuid.UUID) -> Task:
+    with session_scope() as session:
+        task = session.get(Task, task_id)
+        assert task is not None
+        return task
+
+
+def expire_lease(task_id: uuid.UUID) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def test_claim_takes_the_task_once(database: str) -> None:
+    task_id = new_task()
+
+    first = claim(task_id)
+    second = claim(task_id)
+
+    assert first is not None
+    assert first.delivery == 1
+    assert first.payload == {"user_id": 1, "data": "x"}
+    assert second is None  # a duplicate message while the lease is alive changes nothing
+    assert load(task_id).status == TaskStatus.RUNNING
+
+
+def test_claim_ignores_other_attempts_and_early_messages(database: str) -> None:
+    task_id = new_task()
+    later = new_task(countdown=3600)
+
+    assert claim(task_id, attempt=2) is None
+    assert claim(later) is None
+    assert load(later).status == TaskStatus.QUEUED
+
+
+def test_stale_run_cannot_overwrite_the_newer_one(database: str) -> None:
+    task_id = new_task()
+    stale = claim(task_id, worker="old")
+    assert stale is not None
+    expire_lease(task_id)
+    fresh = claim(task_id, worker="new")
+    assert fresh is not None
+    assert fresh.delivery == 2
+
+    with session_scope() as session:
+        assert not lifecycle.renew_lease(session=session, claim=stale, lease_seconds=30)
+        assert not lifecycle.succeed(session=session, claim=stale, result={"from": "old"})
+    with session_scope() as session:
+        assert lifecycle.succeed(session=session, claim=fresh, result={"from": "new"})
+
+    task = load(task_id)
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.result == {"from": "new"}
+    assert task.worker is not None
+    assert task.worker.startswith("new")
+
+
+def test_finished_task_is_never_run_again(database: str) -> None:
+    task_id = new_task()
+    run = claim(task_id)
+    assert run is not None
+    with session_scope() as session:
+        lifecycle.succeed(session=session, claim=run, result=1)
+
+    assert claim(task_id) is None
+    expire_lease(task_id)
+    assert claim(task_id) is None
+
+
+def test_failure_with_retries_left_schedules_the_next_attempt(database: str) -> None:
+    task_id = new_task()
+    run = claim(task_id)
+    assert run is not None
+
+    with session_scope() as session:
+        status = lifecycle.fail(
+            session=session, claim=run, error={"type": "E", "message": "m"}, retry_in=60
+        )
+
+    assert status is TaskStatus.RETRYING
+    task = load(task_id)
+    assert (task.status, task.attempt, task.deliveries) == ("RETRYING", 2, 0)
+    assert task.published_at is None
+    assert task.run_after > utcnow() + timedelta(seconds=50)
+    assert claim(task_id, attempt=1) is None  # the old attempt's message is stale now
+
+
+def test_last_attempt_failure_is_final(database: str) -> None:
+    task_id = new_task()
+    with session_scope() as session:
+        session.execute(update(Task).where(Task.id == task_id).values(max_attempts=1))
+    run = claim(task_id)
+    assert run is not None
+
+    with session_scope() as session:
+        status = lifecycle.fail(
+            session=session, claim=run, error={"type": "E", "message": "m"}, retry_in=1
+        )
+
+    assert status is TaskStatus.FAILED
+    assert load(task_id).finished_at is not None
+
+
+def test_reaper_requeues_lost_runs_and_fails_poison(database: str) -> None:
+    lost, poison = new_task(), new_task()
+    for task_id in (lost, poison):
+        assert claim(task_id) is not None
+        expire_lease(task_id)
+    with session_scope() as session:
+        session.execute(update(Task).where(Task.id == poison).values(deliveries=3))
+
+    with session_scope() as session:
+        requeued, failed = lifecycle.reap_expired_leases(session=session, max_deliveries=3)
+
+    assert (requeued, failed) == (1, 1)
+    assert load(lost).status == TaskStatus.QUEUED
+    assert load(lost).published_at is None
+    assert load(poison).status == TaskStatus.FAILED
+    assert load(poison).error == {
+        "type": "WorkerLost",
+        "message": "the worker was lost 3 times running this attempt",
+    }
+
+
+def test_outbox_lists_due_unpublished_tasks_by_priority(database: str) -> None:
+    low = new_task(priority=1)
+    high = new_task(priority=8)
+    new_task(countdown=3600)
+
+    with session_scope() as session:
+        due = lifecycle.due_unpublished(
+            session=session, limit=10, grace=0, lock=database == "postgres"
+        )
+        assert [task.id for task in due] == [high, low]
+        lifecycle.mark_many_published(session=session, published=[(high, 1)])
+    with session_scope() as session:
+        due = lifecycle.due_unpublished(session=session, limit=10, grace=0, lock=False)
+        assert [task.id for task in due] == [low]
+        # Rows just written are left to the API's own publish for `grace` seconds.
+        assert lifecycle.due_unpublished(session=session, limit=10, grace=60, lock=False) == []
+
+
+def test_stale_publications_are_forgotten(database: str) -> None:
+    task_id = new_task()
+    with session_scope() as session:
+        lifecycle.mark_many_published(session=session, published=[(task_id, 1)])
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(published_at=utcnow() - timedelta(hours=1))
+        )
+    with session_scope() as session:
+        assert lifecycle.forget_stale_publications(session=session, older_than=600) == 1
+    assert load(task_id).published_at is None
+    assert load(task_id).queued_at is not None
+
+
+def test_runner_runs_a_task_once(database: str) -> None:
+    from app.tasks.runner import Outcome, execute
+
+    task_id = new_task()
+    outcome = execute(task_id=task_id, attempt=1, worker="inproc", settings=get_settings())
+
+    assert outcome is Outcome.SUCCEEDED
+    task = load(task_id)
+    assert task.status == TaskStatus.SUCCEEDED
+    assert task.result["processed"] == "X"
+    assert execute(task_id=task_id, attempt=1, worker="x", settings=get_settings()) is Outcome.STALE

@@ -1,0 +1,156 @@
+"""The `taskdock` command as users run it: dev mode, readiness waits, health checks, status."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.services import free_port, wait_for
+from tests.support.stack import ROOT, Proc, base_env
+
+pytestmark = pytest.mark.slow
+
+
+def taskdock(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def all_stopped(proc: Proc) -> bool:
+    """The dev process exited (and is reaped) and no process of its group is left."""
+    assert proc.process is not None
+    if proc.process.poll() is None:
+        return False
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Iterator[tuple[Proc, str, Path]]:
+    env = base_env(tmp_path / "unused")
+    for key in ("TASKDOCK_DATA_DIR", "TASKDOCK_WORKER_HEARTBEAT_FILE"):
+        env.pop(key)
+    env["TASKDOCK_WORKER_HEARTBEAT_FILE"] = str(tmp_path / "dev-worker.heartbeat")
+    port = free_port()
+    proc = Proc(
+        name="dev",
+        args=[sys.executable, "-m", "app.cli", "dev", "--port", str(port)],
+        env={**env, "PWD": str(tmp_path)},
+        log=tmp_path / "dev.log",
+    )
+    # `taskdock dev` keeps its data under the working directory.
+    proc.args = ["/bin/sh", "-c", f'cd "{tmp_path}" && exec "$@"', "sh", *proc.args]
+    proc.start()
+    base = f"http://127.0.0.1:{port}"
+    heartbeat = tmp_path / "dev-worker.heartbeat"
+    try:
+        wait_for(
+            lambda: heartbeat.exists() and _up(base), timeout=60, what="taskdock dev to start"
+        )
+        yield proc, base, tmp_path
+    finally:
+        proc.kill()
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_dev_runs_a_task_to_succeeded_within_two_seconds(dev: tuple[Proc, str, Path]) -> None:
+    proc, base, workdir = dev
+    started = time.monotonic()
+    response = httpx.post(
+        f"{base}/api/v1/tasks",
+        json={"type": "process_data", "payload": {"user_id": 1, "data": "hi"}},
+    )
+    assert response.status_code == 202
+    status = ""
+    while time.monotonic() - started < 2.0:
+        status = httpx.get(f"{base}/api/v1/tasks/{response.json()['id']}").json()["status"]
+        if status == "SUCCEEDED":
+            break
+        time.sleep(0.05)
+
+    assert status == "SUCCEEDED", proc.output()[-3000:]
+    assert (workdir / ".taskdock" / "taskdock.db").exists()
+
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    wait_for(lambda: all_stopped(proc), timeout=40, what="every dev child to stop")
+
+
+def test_dev_stops_its_children_on_sigterm(dev: tuple[Proc, str, Path]) -> None:
+    proc, _, _ = dev
+    assert proc.process is not None
+    proc.process.send_signal(signal.SIGTERM)  # only the parent: it must stop the rest
+    proc.process.wait(timeout=40)
+    wait_for(lambda: all_stopped(proc), timeout=40, what="every dev child to stop")
+
+
+def test_wait_succeeds_and_gives_up_with_one_line(tmp_path: Path) -> None:
+    ok = taskdock("wait", "--timeout", "5", env=base_env(tmp_path / "data"))
+    assert ok.returncode == 0, ok.stderr
+    assert "ready" in ok.stdout
+
+    dead = base_env(
+        tmp_path / "data",
+        TASKDOCK_DATABASE_URL=f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+    )
+    started = time.monotonic()
+    failed = taskdock("wait", "--timeout", "2", env=dead)
+
+    assert failed.returncode == 1
+    assert time.monotonic() - started < 30
+    assert failed.stderr.strip().startswith("gave up after 2s waiting for database")
+    assert len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_heartbeat_health_commands(tmp_path: Path) -> None:
+    env = base_env(tmp_path / "data", TASKDOCK_WORKER_HEARTBEAT_MAX_AGE="5")
+    heartbeat = Path(env["TASKDOCK_WORKER_HEARTBEAT_FILE"])
+
+    missing = taskdock("worker-health", env=env)
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    heartbeat.touch()
+    fresh = taskdock("worker-health", env=env)
+    os.utime(heartbeat, (time.time() - 60, time.time() - 60))
+    stale = taskdock("worker-health", env=env)
+    no_dispatcher = taskdock("dispatcher-health", env=env)
+
+    assert missing.returncode == 1
+    assert "no heartbeat" in missing.stderr
+    assert fresh.returncode == 0
+    assert stale.returncode == 1
+    assert "60s old" in stale.stderr or "old (limit 5s)" in stale.stderr
+    assert no_dispatcher.returncode == 1
+
+
+def test_status_shows_backlog(tmp_path: Path) -> None:
+    env = base_env(tmp_path / "data")
+    assert taskdock("migrate", env=env).returncode == 0
+
+    result = taskdock("status", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert "outbox (due, not yet published): 0" in result.stdout
+    assert "running with an expired lease (worker lost): 0" in result.stdout
