@@ -62,7 +62,7 @@ def embedded_env(tmp_path: Path, configure: object) -> dict[str, str]:
 
 
 @pytest.fixture
-def client(embedded_env: dict[str, str]) -> Iterator[TestClient]:
+def embedded_client(embedded_env: dict[str, str]) -> Iterator[TestClient]:
     from app.main import create_app
 
     with TestClient(create_app(), raise_server_exceptions=False) as test_client:
@@ -111,7 +111,7 @@ def stack(backend: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def backend_client(backend: dict[str, str]) -> Iterator[TestClient]:
+def client(backend: dict[str, str]) -> Iterator[TestClient]:
     from app.main import create_app
 
     with TestClient(create_app(), raise_server_exceptions=False) as test_client:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def taskdock(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
         env=env,
         cwd=cwd,
@@ -62,9 +62,7 @@ def dev(tmp_path: Path) -> Iterator[tuple[Proc, str, Path]]:
     base = f"http://127.0.0.1:{port}"
     heartbeat = tmp_path / "dev-worker.heartbeat"
     try:
-        wait_for(
-            lambda: heartbeat.exists() and _up(base), timeout=60, what="taskdock dev to start"
-        )
+        wait_for(lambda: heartbeat.exists() and _up(base), timeout=60, what="taskdock dev to start")
         yield proc, base, tmp_path
     finally:
         proc.kill()

@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     # Reliability core: leases, redelivery and the dispatcher's pace.
     task_lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
     task_max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
+    # For task types that declare no time limit of their own.
     task_default_time_limit: Annotated[float, Field(gt=0)] = 300.0
     dispatcher_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
     dispatcher_batch_size: Annotated[int, Field(ge=1, le=10000)] = 200

@@ -14,6 +14,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core.config import get_settings
 from app.core.errors import InvalidInput, field_errors
 from app.db.base import utcnow
 from app.tasks import lifecycle
@@ -235,7 +236,7 @@ def doorbell_for(
         type=type_,
         queue=queue,
         priority=priority,
-        time_limit=get_task_type(type_).time_limit,
+        time_limit=get_task_type(type_).time_limit or get_settings().task_default_time_limit,
     )
 
 

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 def api_stack(tmp_path: Path) -> Iterator[Stack]:
     env = base_env(tmp_path / "data")
     with running_stack(env, tmp_path / "logs") as stack:
-        assert stack._spawn("migrate", "migrate").process.wait(timeout=60) == 0  # type: ignore[union-attr]
+        migrate = stack.taskdock("migrate", "migrate")
+        assert migrate.process is not None
+        assert migrate.process.wait(timeout=60) == 0
         yield stack
 
 

@@ -112,7 +112,7 @@ def test_bad_value_is_one_line_naming_the_variable(
 def test_process_stops_at_start_with_one_line(tmp_path: Path) -> None:
     env = base_env(tmp_path / "data", TASKDOCK_API_PORT="eighty")
 
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         [sys.executable, "-m", "app.cli", "api"],
         env=env,
         cwd=ROOT,

@@ -66,7 +66,7 @@ def test_concurrent_migrate_commands_do_not_race(tmp_path: Path) -> None:
     with services.scratch_database() as url:
         env = base_env(tmp_path / "data", TASKDOCK_DATABASE_URL=url)
         commands = [
-            subprocess.Popen(  # noqa: S603
+            subprocess.Popen(
                 [sys.executable, "-m", "app.cli", "migrate"],
                 env=env,
                 cwd=ROOT,

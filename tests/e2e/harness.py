@@ -61,7 +61,7 @@ def run(
     cwd: Path = ROOT,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command, and on failure raise with its output (the part a reader needs)."""
-    result = subprocess.run(  # noqa: S603
+    result = subprocess.run(
         list(args),
         cwd=cwd,
         env=env,
@@ -76,9 +76,7 @@ def run(
     return result
 
 
-def wait_for(
-    what: str, probe: Callable[[], Any], *, timeout: float, interval: float = 0.5
-) -> Any:
+def wait_for(what: str, probe: Callable[[], Any], *, timeout: float, interval: float = 0.5) -> Any:
     """Poll until probe() returns something truthy; its value is returned."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -88,7 +86,7 @@ def wait_for(
             if last:
                 return last
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} ({last!r})")
         time.sleep(interval)
 
 
@@ -148,8 +146,8 @@ def docker_engine() -> Iterator[None]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = (RESULTS / "dockerd.log").open("ab")
     started = time.monotonic()
-    process = subprocess.Popen(  # noqa: S603
-        ["dockerd"],  # noqa: S607
+    process = subprocess.Popen(
+        ["dockerd"],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -189,7 +187,10 @@ def _pip_index_url() -> str | None:
 def _context_size(build_output: str) -> str | None:
     # The legacy builder says "Sending build context to Docker daemon  52.22kB", BuildKit
     # "transferring context: 52.22kB".
-    found = re.findall(r"(?:build context to Docker daemon|transferring context:)\s+([\d.]+\s*[kMG]?B)", build_output)
+    found = re.findall(
+        r"(?:build context to Docker daemon|transferring context:)\s+([\d.]+\s*[kMG]?B)",
+        build_output,
+    )
     return found[-1].replace(" ", "") if found else None
 
 
@@ -207,8 +208,13 @@ def build_stand_ins() -> None:
         name = variable.removesuffix("_IMAGE").lower()
         run(
             [
-                "docker", "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-                "-t", tag, str(E2E / "images" / name),
+                "docker",
+                "build",
+                "--build-arg",
+                f"BASE_IMAGE={BASE_IMAGE}",
+                "-t",
+                tag,
+                str(E2E / "images" / name),
             ],
             timeout=900,
         )
@@ -218,10 +224,18 @@ def build_stand_ins() -> None:
 def app_build_command(context: Path, tag: str) -> list[str]:
     revision = run(["git", "rev-parse", "HEAD"], check=False).stdout.strip() or "unknown"
     command = [
-        "docker", "build", "-f", str(ROOT / "docker" / "Dockerfile"), "--target", "runtime",
-        "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
-        "--build-arg", f"REVISION={revision}",
-        "-t", tag,
+        "docker",
+        "build",
+        "-f",
+        str(ROOT / "docker" / "Dockerfile"),
+        "--target",
+        "runtime",
+        "--build-arg",
+        f"BASE_IMAGE={BASE_IMAGE}",
+        "--build-arg",
+        f"REVISION={revision}",
+        "-t",
+        tag,
     ]
     index = _pip_index_url()
     if index:
@@ -238,8 +252,15 @@ def build_app_image() -> None:
     base = image_size(BASE_IMAGE)
     sizes = run(
         [
-            "docker", "run", "--rm", "--entrypoint", "du", APP_IMAGE,
-            "-sb", "/opt/venv", "/opt/taskdock",
+            "docker",
+            "run",
+            "--rm",
+            "--entrypoint",
+            "du",
+            APP_IMAGE,
+            "-sb",
+            "/opt/venv",
+            "/opt/taskdock",
         ]
     ).stdout.split()
     summary["image_size_mb"] = round(image / 1e6, 1)
@@ -354,7 +375,8 @@ class Stack:
         return time.monotonic() - started
 
     def submit(self, type_: str, payload: dict[str, Any], **headers: str) -> httpx.Response:
-        return self.http.post("/api/v1/tasks", json={"type": type_, "payload": payload}, headers=headers)
+        body = {"type": type_, "payload": payload}
+        return self.http.post("/api/v1/tasks", json=body, headers=headers)
 
     def task(self, task_id: str) -> dict[str, Any]:
         response = self.http.get(f"/api/v1/tasks/{task_id}")

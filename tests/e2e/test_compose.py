@@ -62,7 +62,8 @@ def test_every_service_healthy_within_60s_and_ready(compose_stack: Stack) -> Non
     response = compose_stack.http.get("/health/ready")
     assert response.status_code == 200, response.text
     assert response.json() == {"status": "ok", "db": True, "redis": True}
-    services = {c["Config"]["Labels"]["com.docker.compose.service"] for c in compose_stack.containers()}
+    containers = compose_stack.containers()
+    services = {c["Config"]["Labels"]["com.docker.compose.service"] for c in containers}
     assert services == {"db", "redis", "migrate", "api", "worker", "dispatcher", "nginx"}
 
 
@@ -96,7 +97,11 @@ def test_app_containers_run_as_1001_on_a_read_only_root(compose_stack: Stack) ->
 
 def test_killed_worker_task_succeeds_after_restart(compose_stack: Stack) -> None:
     task_id = submit_ok(compose_stack, "sleep", {"seconds": 8})
-    wait_for("the sleep task to run", lambda: compose_stack.task(task_id)["status"] == "RUNNING", timeout=30)
+    wait_for(
+        "the sleep task to run",
+        lambda: compose_stack.task(task_id)["status"] == "RUNNING",
+        timeout=30,
+    )
 
     workers = compose_stack.container_ids("worker")
     harness.run(["docker", "kill", *workers])
@@ -139,7 +144,8 @@ def test_database_outage_shows_in_readiness_within_2s(compose_stack: Stack) -> N
         body = wait_for("/health/ready to answer 503", not_ready, timeout=10, interval=0.1)
         noticed = time.monotonic() - stopped
         harness.summary["db_outage_noticed_seconds"] = round(noticed, 2)
-        assert body["db"] is False and body["redis"] is True, body
+        assert body["db"] is False, body
+        assert body["redis"] is True, body
         assert noticed <= 2.0, f"503 after {noticed:.1f}s"
     finally:
         compose_stack.compose("start", "db")

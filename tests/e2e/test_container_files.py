@@ -51,12 +51,11 @@ def stages(text: str) -> dict[str, dict[str, Any]]:
 def effective_user(all_stages: dict[str, dict[str, Any]], name: str) -> str | None:
     """The USER a stage runs as, following `FROM <earlier stage>` chains."""
     stage = all_stages[name]
-    users = [arguments for keyword, arguments in stage["steps"] if keyword == "USER"]
+    users: list[str] = [arguments for keyword, arguments in stage["steps"] if keyword == "USER"]
     if users:
         return users[-1]
-    if stage["from"] in all_stages:
-        return effective_user(all_stages, stage["from"])
-    return None
+    parent: str = stage["from"]
+    return effective_user(all_stages, parent) if parent in all_stages else None
 
 
 def test_final_and_runtime_stages_run_as_a_numeric_non_root_user() -> None:
@@ -76,7 +75,8 @@ def test_runtime_stage_uses_exec_form_and_a_python_healthcheck() -> None:
     steps = dict(stages(DOCKERFILE.read_text())["runtime"]["steps"])
     for keyword in ("ENTRYPOINT", "CMD"):
         assert isinstance(json.loads(steps[keyword]), list), f"{keyword} must be exec form"
-    assert "python3" in steps["HEALTHCHECK"] and "/health/live" in steps["HEALTHCHECK"]
+    assert "python3" in steps["HEALTHCHECK"]
+    assert "/health/live" in steps["HEALTHCHECK"]
 
 
 def test_base_image_is_a_pinned_build_argument() -> None:
@@ -144,9 +144,11 @@ def test_production_overlay_hardens_and_publishes_no_data_ports() -> None:
         assert "no-new-privileges:true" in service["security_opt"], name
         assert service["init"] is True, name
         assert any(mount.startswith("/tmp") for mount in service["tmpfs"]), name
-        assert "mem_limit" in service and "pids_limit" in service, name
+        assert "mem_limit" in service, name
+        assert "pids_limit" in service, name
     for name in ("db", "redis"):
-        assert "ports" not in base[name] and "ports" not in production[name], name
+        assert "ports" not in base[name], name
+        assert "ports" not in production[name], name
     everything = COMPOSE.read_text() + PRODUCTION.read_text()
     assert "docker.sock" not in everything
     stop_grace = production["worker"]["stop_grace_period"]

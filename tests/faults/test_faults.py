@@ -78,7 +78,9 @@ def test_broker_down_at_submit_loses_nothing(
         stack.worker()
         stack.dispatcher()
 
-        statuses = [wait_status(client, task_id, {"SUCCEEDED", "FAILED"})["status"] for task_id in ids]
+        statuses = [
+            wait_status(client, task_id, {"SUCCEEDED", "FAILED"})["status"] for task_id in ids
+        ]
     assert statuses == ["SUCCEEDED"] * 50, stack.dump_logs()
 
 

@@ -4,9 +4,11 @@ SQLite + filesystem broker, PostgreSQL + Redis, PostgreSQL + RabbitMQ."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,8 @@ from sqlalchemy import func, select
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.tasks.models import Task
-from tests.support.stack import Stack, wait_status
+from tests.support.services import wait_for
+from tests.support.stack import Stack, running_stack, wait_status
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +34,12 @@ def submit(client: Any, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     return dict(response.json())
 
 
-def test_submit_runs_to_succeeded(stack: Stack, backend_client: TestClient) -> None:
+def test_submit_runs_to_succeeded(stack: Stack, client: TestClient) -> None:
     stack.worker()
     stack.dispatcher()
-    task = submit(
-        backend_client, {"type": "process_data", "payload": {"user_id": 3, "data": "a  b c"}}
-    )
+    task = submit(client, {"type": "process_data", "payload": {"user_id": 3, "data": "a  b c"}})
 
-    done = wait_status(backend_client, task["id"], FINISHED)
+    done = wait_status(client, task["id"], FINISHED)
 
     assert done["status"] == "SUCCEEDED", done
     assert done["result"]["processed"] == "A B C"
@@ -48,11 +49,11 @@ def test_submit_runs_to_succeeded(stack: Stack, backend_client: TestClient) -> N
     assert done["queued_at"] is not None
 
 
-def test_failure_is_recorded_with_the_error(stack: Stack, backend_client: TestClient) -> None:
+def test_failure_is_recorded_with_the_error(stack: Stack, client: TestClient) -> None:
     stack.worker()
-    task = submit(backend_client, {"type": "tests.no_retry", "payload": {}})
+    task = submit(client, {"type": "tests.no_retry", "payload": {}})
 
-    done = wait_status(backend_client, task["id"], FINISHED)
+    done = wait_status(client, task["id"], FINISHED)
 
     assert done["status"] == "FAILED"
     assert done["attempt"] == 1  # not in retry_on: no second attempt
@@ -61,38 +62,38 @@ def test_failure_is_recorded_with_the_error(stack: Stack, backend_client: TestCl
     assert "Traceback" in done["error"]["traceback"]
 
 
-def test_invalid_output_fails_without_retry(stack: Stack, backend_client: TestClient) -> None:
+def test_invalid_output_fails_without_retry(stack: Stack, client: TestClient) -> None:
     stack.worker()
-    task = submit(backend_client, {"type": "tests.bad_output", "payload": {}})
+    task = submit(client, {"type": "tests.bad_output", "payload": {}})
 
-    done = wait_status(backend_client, task["id"], FINISHED)
+    done = wait_status(client, task["id"], FINISHED)
 
     assert done["status"] == "FAILED"
     assert done["error"]["type"] == "ValidationError"
     assert done["attempt"] == 1
 
 
-def test_retry_policy_runs_again_until_success(stack: Stack, backend_client: TestClient) -> None:
+def test_retry_policy_runs_again_until_success(stack: Stack, client: TestClient) -> None:
     stack.worker()
     stack.dispatcher()
-    task = submit(backend_client, {"type": "tests.flaky", "payload": {"fail_times": 2}})
+    task = submit(client, {"type": "tests.flaky", "payload": {"fail_times": 2}})
 
-    done = wait_status(backend_client, task["id"], FINISHED)
+    done = wait_status(client, task["id"], FINISHED)
 
     assert done["status"] == "SUCCEEDED", done
     assert done["attempt"] == 3
     assert done["result"] == {"attempt": 3}
 
 
-def test_retry_policy_gives_up_after_max_retries(stack: Stack, backend_client: TestClient) -> None:
+def test_retry_policy_gives_up_after_max_retries(stack: Stack, client: TestClient) -> None:
     stack.worker()
     stack.dispatcher()
-    task = submit(backend_client, {"type": "tests.flaky", "payload": {"fail_times": 9}})
+    task = submit(client, {"type": "tests.flaky", "payload": {"fail_times": 9}})
 
     seen: set[str] = set()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        current = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+        current = client.get(f"/api/v1/tasks/{task['id']}").json()
         seen.add(current["status"])
         if current["status"] in FINISHED:
             break
@@ -105,20 +106,20 @@ def test_retry_policy_gives_up_after_max_retries(stack: Stack, backend_client: T
     assert "RETRYING" in seen
 
 
-def test_cancel_running_task(stack: Stack, backend_client: TestClient) -> None:
+def test_cancel_running_task(stack: Stack, client: TestClient) -> None:
     stack.worker(concurrency=1)
     stack.dispatcher()
-    task = submit(backend_client, {"type": "sleep", "payload": {"seconds": 60}})
-    wait_status(backend_client, task["id"], {"RUNNING"})
+    task = submit(client, {"type": "sleep", "payload": {"seconds": 60}})
+    wait_status(client, task["id"], {"RUNNING"})
 
-    response = backend_client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    response = client.post(f"/api/v1/tasks/{task['id']}/cancel")
 
     assert response.status_code == 200
     assert response.json()["status"] == "CANCELLED"
     # The single pool slot is freed: the next task runs long before the sleep would end.
-    after = submit(backend_client, {"type": "process_data", "payload": {"user_id": 1, "data": "x"}})
-    assert wait_status(backend_client, after["id"], FINISHED, timeout=20)["status"] == "SUCCEEDED"
-    final = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    after = submit(client, {"type": "process_data", "payload": {"user_id": 1, "data": "x"}})
+    assert wait_status(client, after["id"], FINISHED, timeout=20)["status"] == "SUCCEEDED"
+    final = client.get(f"/api/v1/tasks/{task['id']}").json()
     assert final["status"] == "CANCELLED"
     assert final["result"] is None
 
@@ -146,32 +147,30 @@ def test_idempotency_under_concurrent_repeats(stack: Stack, backend: dict[str, s
     assert count == 1
 
 
-def test_countdown_is_held_in_the_database_until_due(
-    stack: Stack, backend_client: TestClient
-) -> None:
+def test_countdown_is_held_in_the_database_until_due(stack: Stack, client: TestClient) -> None:
     stack.worker()
     stack.dispatcher()
     task = submit(
-        backend_client,
+        client,
         {"type": "process_data", "payload": {"user_id": 1, "data": "later"}, "countdown": 3},
     )
 
     time.sleep(1.5)
-    early = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    early = client.get(f"/api/v1/tasks/{task['id']}").json()
     assert early["status"] == "QUEUED"
     assert early["queued_at"] is None  # not on the broker: nothing there to redeliver in a loop
-    done = wait_status(backend_client, task["id"], FINISHED, timeout=20)
+    done = wait_status(client, task["id"], FINISHED, timeout=20)
 
     assert done["status"] == "SUCCEEDED"
     assert done["deliveries"] == 1
     assert done["started_at"] >= task["run_after"]
 
 
-def test_pickled_message_is_refused(stack: Stack, backend_client: TestClient) -> None:
+def test_pickled_message_is_refused(stack: Stack, client: TestClient) -> None:
     worker = stack.worker()
     # A record no one has published; a pickled message for it arrives on the queue.
     task = submit(
-        backend_client,
+        client,
         {"type": "process_data", "payload": {"user_id": 1, "data": "x"}, "countdown": 600},
     )
     settings = get_settings()
@@ -194,7 +193,7 @@ def test_pickled_message_is_refused(stack: Stack, backend_client: TestClient) ->
 
     assert "pickle" in worker.output()
     assert "ContentDisallowed" in worker.output() or "Refusing" in worker.output()
-    current = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    current = client.get(f"/api/v1/tasks/{task['id']}").json()
     assert current["status"] == "QUEUED"
     assert current["deliveries"] == 0
 
@@ -205,16 +204,34 @@ def stack_transport_options() -> dict[str, Any]:
     return broker_options(get_settings())
 
 
-def test_worker_finishes_its_task_on_sigterm(stack: Stack, backend_client: TestClient) -> None:
+def test_worker_finishes_its_task_on_sigterm(stack: Stack, client: TestClient) -> None:
     worker = stack.worker()
-    task = submit(backend_client, {"type": "sleep", "payload": {"seconds": 2}})
-    wait_status(backend_client, task["id"], {"RUNNING"})
+    task = submit(client, {"type": "sleep", "payload": {"seconds": 2}})
+    wait_status(client, task["id"], {"RUNNING"})
 
     assert worker.process is not None
     worker.process.send_signal(signal.SIGTERM)
     code = worker.process.wait(timeout=30)
 
     assert code == 0, worker.output()[-3000:]
-    done = backend_client.get(f"/api/v1/tasks/{task['id']}").json()
+    done = client.get(f"/api/v1/tasks/{task['id']}").json()
     assert done["status"] == "SUCCEEDED"
     assert done["deliveries"] == 1
+
+
+def test_plain_celery_command_runs_tasks(
+    embedded_env: dict[str, str], embedded_client: TestClient, tmp_path: Path
+) -> None:
+    heartbeat = tmp_path / "celery.heartbeat"
+    with running_stack(embedded_env, tmp_path / "logs") as stack:
+        stack.spawn(
+            "celery",
+            [sys.executable, "-m", "celery", "-A", "app.worker", "worker", "--concurrency", "1"],
+            env={**embedded_env, "TASKDOCK_WORKER_HEARTBEAT_FILE": str(heartbeat)},
+        )
+        wait_for(heartbeat.exists, timeout=60, what="the celery worker to consume")
+        task = submit(
+            embedded_client, {"type": "process_data", "payload": {"user_id": 5, "data": "x"}}
+        )
+
+        assert wait_status(embedded_client, task["id"], FINISHED)["status"] == "SUCCEEDED"

@@ -120,21 +120,19 @@ class Stack:
     logs: Path
     procs: list[Proc] = field(default_factory=list)
 
-    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(
-            name=name,
-            args=[sys.executable, "-m", "app.cli", *args],
-            env=env or self.env,
-            log=self.logs / f"{name}.log",
-        )
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(name=name, args=argv, env=env or self.env, log=self.logs / f"{name}.log")
         self.procs.append(proc.start())
         return proc
+
+    def taskdock(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        return self.spawn(name, [sys.executable, "-m", "app.cli", *args], env)
 
     def worker(self, name: str = "w1", *, concurrency: int = 1, wait: bool = True) -> Proc:
         heartbeat = self.logs / f"{name}.heartbeat"
         heartbeat.unlink(missing_ok=True)
         env = {**self.env, "TASKDOCK_WORKER_HEARTBEAT_FILE": str(heartbeat)}
-        proc = self._spawn(
+        proc = self.taskdock(
             name,
             "worker",
             "--concurrency",
@@ -155,11 +153,11 @@ class Stack:
         return proc
 
     def dispatcher(self, name: str = "dispatcher") -> Proc:
-        return self._spawn(name, "dispatcher")
+        return self.taskdock(name, "dispatcher")
 
     def api(self, name: str = "api", *, workers: int = 1) -> tuple[Proc, str]:
         port = free_port()
-        proc = self._spawn(name, "api", "--port", str(port), "--workers", str(workers))
+        proc = self.taskdock(name, "api", "--port", str(port), "--workers", str(workers))
         base = f"http://127.0.0.1:{port}"
 
         def up() -> bool:

@@ -1,4 +1,5 @@
-"""Every endpoint and every error case, on the embedded default (SQLite + filesystem broker)."""
+"""Every endpoint and every error case, on every backend (the broker-level checks on the
+embedded one, whose queue is a folder this test owns)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     return dict(body)
 
 
-def test_submit_records_then_publishes(client: TestClient, embedded_env: dict[str, str]) -> None:
-    response = client.post("/api/v1/tasks", json=PROCESS)
+def test_submit_records_then_publishes(
+    embedded_client: TestClient, embedded_env: dict[str, str]
+) -> None:
+    response = embedded_client.post("/api/v1/tasks", json=PROCESS)
 
     assert response.status_code == 202, response.text
     task = response.json()
@@ -119,10 +122,10 @@ def test_not_json_is_422(client: TestClient) -> None:
 
 
 def test_countdown_holds_the_task_in_the_database(
-    client: TestClient, embedded_env: dict[str, str]
+    embedded_client: TestClient, embedded_env: dict[str, str]
 ) -> None:
     before = datetime.now(UTC)
-    response = client.post("/api/v1/tasks", json={**PROCESS, "countdown": 3600})
+    response = embedded_client.post("/api/v1/tasks", json={**PROCESS, "countdown": 3600})
 
     assert response.status_code == 202
     task = response.json()
@@ -132,8 +135,12 @@ def test_countdown_holds_the_task_in_the_database(
     assert task["queued_at"] is None
 
 
-def test_eta_in_the_past_runs_now(client: TestClient, embedded_env: dict[str, str]) -> None:
-    response = client.post("/api/v1/tasks", json={**PROCESS, "eta": "2001-01-01T00:00:00+00:00"})
+def test_eta_in_the_past_runs_now(
+    embedded_client: TestClient, embedded_env: dict[str, str]
+) -> None:
+    response = embedded_client.post(
+        "/api/v1/tasks", json={**PROCESS, "eta": "2001-01-01T00:00:00+00:00"}
+    )
 
     assert response.status_code == 202
     assert len(queued_messages(embedded_env)) == 1
@@ -254,12 +261,12 @@ def test_cancel_and_retry_unknown_task_is_404(client: TestClient) -> None:
 
 
 def test_retry_cancelled_task_is_a_new_attempt(
-    client: TestClient, embedded_env: dict[str, str]
+    embedded_client: TestClient, embedded_env: dict[str, str]
 ) -> None:
-    task = client.post("/api/v1/tasks", json=PROCESS).json()
-    client.post(f"/api/v1/tasks/{task['id']}/cancel")
+    task = embedded_client.post("/api/v1/tasks", json=PROCESS).json()
+    embedded_client.post(f"/api/v1/tasks/{task['id']}/cancel")
 
-    response = client.post(f"/api/v1/tasks/{task['id']}/retry")
+    response = embedded_client.post(f"/api/v1/tasks/{task['id']}/retry")
 
     assert response.status_code == 202
     retried = response.json()
@@ -323,3 +330,10 @@ def test_docs_are_served(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert "/api/v1/tasks" in schema["paths"]
     assert "/api/v1/tasks/{task_id}/cancel" in schema["paths"]
+
+
+def test_broker_is_told_after_the_commit(client: TestClient) -> None:
+    task = client.post("/api/v1/tasks", json=PROCESS).json()
+
+    assert task["queued_at"] is None  # the answer describes the committed record
+    assert client.get(f"/api/v1/tasks/{task['id']}").json()["queued_at"] is not None
