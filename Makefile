@@ -21,7 +21,7 @@ run: $(STAMP)
 
 ## The test suite with the coverage gate (PostgreSQL, Redis and RabbitMQ on localhost).
 test: $(STAMP)
-	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=80
+	$(BIN)/python -m pytest -m "not docker" --cov --cov-report=term --cov-fail-under=80
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,21 +13,9 @@ import httpx
 import pytest
 
 from tests.support.services import free_port, wait_for
-from tests.support.stack import ROOT, Proc, base_env
+from tests.support.stack import Proc, base_env, taskdock
 
 pytestmark = pytest.mark.slow
-
-
-def taskdock(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def all_stopped(proc: Proc) -> bool:

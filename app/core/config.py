@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         if not self.broker_url:
-            return "filesystem://"
+            return "filesystem://localhost/"
         if self.broker_password is None or "://" not in self.broker_url:
             return self.broker_url
         scheme, rest = self.broker_url.split("://", 1)

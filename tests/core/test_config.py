@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from app.core.config import ConfigError, Environment, Settings, describe_validation_error
-from tests.support.stack import ROOT, base_env
+from tests.support.stack import base_env, taskdock
 
 
 @pytest.fixture
@@ -30,7 +28,7 @@ def test_defaults_are_the_embedded_mode(clean_env: Path) -> None:
 
     assert settings.embedded
     assert settings.sqlalchemy_url.startswith("sqlite:///")
-    assert settings.celery_broker_url == "filesystem://"
+    assert settings.celery_broker_url == "filesystem://localhost/"
     assert settings.environment is Environment.DEVELOPMENT
 
 
@@ -112,15 +110,7 @@ def test_bad_value_is_one_line_naming_the_variable(
 def test_process_stops_at_start_with_one_line(tmp_path: Path) -> None:
     env = base_env(tmp_path / "data", TASKDOCK_API_PORT="eighty")
 
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "api"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = taskdock("api", env=env)
 
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -201,3 +201,16 @@ def wait_status(
             return last
         time.sleep(0.1)
     raise AssertionError(f"task {task_id} stuck at {last.get('status')}: {last}")
+
+
+def taskdock(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run one `taskdock` command to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
