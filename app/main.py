@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from app.api.health import router as health_router
 from app.api.limits import BodySizeLimit
+from app.api.request_id import RequestIdMiddleware
 from app.api.router import api_router
 from app.core.celery import get_celery_app
 from app.core.config import Settings, get_settings
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost, so even a 413 carries the request id.
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(health_router)
     app.include_router(api_router, prefix="/api/v1")
     return app

@@ -16,7 +16,11 @@ from app.tasks import runner
 @shared_task(name=JOB_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def execute(self: Any, task_id: str, attempt: int) -> str:
     """Re-read the record by id and run this attempt; the record decides, not the message."""
-    token = log_context.set({"task_id": task_id, "attempt": attempt})
+    context = {"task_id": task_id, "attempt": attempt}
+    request_id = getattr(self.request, "taskdock_request_id", None)
+    if request_id:
+        context["request_id"] = request_id
+    token = log_context.set(context)
     try:
         outcome = runner.execute(
             task_id=uuid.UUID(task_id),

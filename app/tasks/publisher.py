@@ -28,6 +28,7 @@ class Doorbell:
     queue: str
     priority: int
     time_limit: float | None
+    request_id: str | None = None
 
 
 def message_id(task_id: uuid.UUID, attempt: int) -> str:
@@ -52,7 +53,7 @@ def send(app: Celery, bell: Doorbell, *, connection: Any = None) -> None:
         task_id=message_id(bell.task_id, bell.attempt),
         retry=False,
         connection=connection,
-        headers={"taskdock_type": bell.type},
+        headers={"taskdock_type": bell.type, "taskdock_request_id": bell.request_id},
         **options,
     )
 

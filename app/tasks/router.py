@@ -8,9 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from app.api.deps import OwnerDep, PublisherDep, SessionDep
+from app.api.request_id import current_request_id
 from app.core.errors import error_body
 from app.db.base import utcnow
 from app.tasks import service
+from app.tasks.models import Task
 from app.tasks.registry import all_task_types
 from app.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskTypeRead
 from app.tasks.states import TaskStatus
@@ -29,18 +31,11 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _publish_if_due(*, session: SessionDep, publisher: PublisherDep, task: TaskRead) -> None:
+def _publish_if_due(*, session: SessionDep, publisher: PublisherDep, task: Task) -> None:
     """After the commit: ring the broker now if the task is due; the dispatcher covers misses."""
-    if task.run_after > utcnow() or task.status is not TaskStatus.QUEUED:
+    if task.run_after > utcnow() or task.status != TaskStatus.QUEUED:
         return
-    bell = service.doorbell_for(
-        type_=task.type,
-        task_id=task.id,
-        attempt=task.attempt,
-        queue=task.queue,
-        priority=task.priority,
-    )
-    if publisher.try_publish(bell):
+    if publisher.try_publish(service.doorbell(task)):
         service.mark_published(session=session, task_id=task.id, attempt=task.attempt)
         session.commit()
 
@@ -67,7 +62,11 @@ def submit_task(
     idempotency_key: IdempotencyKey = None,
 ) -> TaskRead:
     task, created = service.submit(
-        session=session, data=data, owner=owner, idempotency_key=idempotency_key
+        session=session,
+        data=data,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_id=current_request_id(),
     )
     session.commit()  # durable before anything else happens
     read = TaskRead.model_validate(task)
@@ -75,7 +74,7 @@ def submit_task(
     if not created:
         response.status_code = status.HTTP_200_OK
         return read
-    _publish_if_due(session=session, publisher=publisher, task=read)
+    _publish_if_due(session=session, publisher=publisher, task=task)
     return read
 
 
@@ -146,7 +145,7 @@ def retry_task(
     task = service.retry(session=session, task_id=task_id, owner=owner)
     session.commit()
     read = TaskRead.model_validate(task)
-    _publish_if_due(session=session, publisher=publisher, task=read)
+    _publish_if_due(session=session, publisher=publisher, task=task)
     return read
 
 

@@ -32,7 +32,12 @@ def request_hash(data: TaskCreate) -> str:
 
 
 def submit(
-    *, session: Session, data: TaskCreate, owner: str, idempotency_key: str | None
+    *,
+    session: Session,
+    data: TaskCreate,
+    owner: str,
+    idempotency_key: str | None,
+    request_id: str | None = None,
 ) -> tuple[Task, bool]:
     """Record a new task (QUEUED, not yet published); returns (task, created)."""
     task_type = get_task_type(data.type)
@@ -70,6 +75,7 @@ def submit(
         owner=owner,
         idempotency_key=idempotency_key,
         request_hash=digest,
+        request_id=request_id,
         created_at=now,
         updated_at=now,
     )
@@ -218,25 +224,15 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
 
 
 def doorbell(task: Task) -> Doorbell:
-    return doorbell_for(
-        type_=task.type,
+    """What the broker is told about a committed record."""
+    return Doorbell(
         task_id=task.id,
         attempt=task.attempt,
+        type=task.type,
         queue=task.queue,
         priority=task.priority,
-    )
-
-
-def doorbell_for(
-    *, type_: str, task_id: uuid.UUID, attempt: int, queue: str, priority: int
-) -> Doorbell:
-    return Doorbell(
-        task_id=task_id,
-        attempt=attempt,
-        type=type_,
-        queue=queue,
-        priority=priority,
-        time_limit=get_task_type(type_).time_limit or get_settings().task_default_time_limit,
+        time_limit=get_task_type(task.type).time_limit or get_settings().task_default_time_limit,
+        request_id=task.request_id,
     )
 
 

@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, inspect
 
 from app.db import migrate
 from app.db.base import Base
 from tests.support import services
 from tests.support.stack import ROOT, base_env
+
+HEAD = ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -28,7 +31,7 @@ def test_upgrade_to_head_and_downgrade_to_base(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
         migrate.upgrade(engine)
-        assert migrate.current(engine) == "0001"
+        assert migrate.current(engine) == HEAD
         inspector = inspect(engine)
         assert "task" in inspector.get_table_names()
         columns = {column["name"] for column in inspector.get_columns("task")}
@@ -41,7 +44,7 @@ def test_upgrade_to_head_and_downgrade_to_base(database_url: str) -> None:
         assert "task" not in inspect(engine).get_table_names()
 
         migrate.upgrade(engine)
-        assert migrate.current(engine) == "0001"
+        assert migrate.current(engine) == HEAD
     finally:
         engine.dispose()
 
@@ -79,8 +82,8 @@ def test_concurrent_migrate_commands_do_not_race(tmp_path: Path) -> None:
         codes = [command.returncode for command in commands]
         engine = create_engine(url)
         try:
-            assert migrate.current(engine) == "0001"
+            assert migrate.current(engine) == HEAD
         finally:
             engine.dispose()
     assert codes == [0, 0, 0, 0], outputs
-    assert all("database at revision 0001" in output for output in outputs)
+    assert all(f"database at revision {HEAD}" in output for output in outputs)

@@ -3,6 +3,7 @@ SQLite + filesystem broker, PostgreSQL + Redis, PostgreSQL + RabbitMQ."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -235,3 +236,22 @@ def test_plain_celery_command_runs_tasks(
         )
 
         assert wait_status(embedded_client, task["id"], FINISHED)["status"] == "SUCCEEDED"
+
+
+def test_request_id_reaches_every_worker_log_line(stack: Stack, client: TestClient) -> None:
+    worker = stack.worker()
+    stack.dispatcher()
+    response = client.post(
+        "/api/v1/tasks",
+        json={"type": "process_data", "payload": {"user_id": 1, "data": "x"}},
+        headers={"X-Request-ID": "trace-me-1"},
+    )
+    task_id = response.json()["id"]
+    wait_status(client, task_id, FINISHED)
+    worker.stop()
+
+    lines = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("task_id") == task_id]
+    assert {line["message"] for line in mine} >= {"task started", "task succeeded"}
+    assert all(line.get("request_id") == "trace-me-1" for line in mine), mine
+    assert all(line.get("task_type") == "process_data" for line in mine if "task_type" in line)

@@ -337,3 +337,23 @@ def test_broker_is_told_after_the_commit(client: TestClient) -> None:
 
     assert task["queued_at"] is None  # the answer describes the committed record
     assert client.get(f"/api/v1/tasks/{task['id']}").json()["queued_at"] is not None
+
+
+def test_request_id_is_generated_or_echoed(client: TestClient) -> None:
+    generated = client.get("/health/live").headers["x-request-id"]
+    echoed = client.get("/health/live", headers={"X-Request-ID": "req-42.a:b"})
+    forged = client.get("/health/live", headers={"X-Request-ID": 'bad"\nid'})
+
+    assert len(generated) == 32
+    assert echoed.headers["x-request-id"] == "req-42.a:b"
+    assert forged.headers["x-request-id"] != 'bad"\nid'
+    assert len(forged.headers["x-request-id"]) == 32
+
+
+def test_request_id_is_kept_on_the_record(client: TestClient) -> None:
+    response = client.post("/api/v1/tasks", json=PROCESS, headers={"X-Request-ID": "req-77"})
+
+    with session_scope() as session:
+        row = session.get(Task, uuid.UUID(response.json()["id"]))
+        assert row is not None
+        assert row.request_id == "req-77"
