@@ -48,8 +48,12 @@ def api(
     """Serve the HTTP API with uvicorn (uvloop + httptools)."""
     import uvicorn
 
-    _setup("api")
+    from app.core.multiproc import prepare_multiprocess_dir
+
     settings = get_settings()
+    # Before anything imports prometheus_client; the server's workers inherit it.
+    prepare_multiprocess_dir(settings.metrics_dir, "api")
+    _setup("api")
     uvicorn.run(
         "app.main:app",
         host=host or settings.api_host,

@@ -7,11 +7,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 
 from app.api.health import router as health_router
 from app.api.limits import BodySizeLimit
+from app.api.metrics import HttpMetrics, StateCollector
+from app.api.metrics import router as metrics_router
 from app.api.request_id import RequestIdMiddleware
 from app.api.router import api_router
+from app.core import metrics
 from app.core.celery import get_celery_app
 from app.core.config import Settings, get_settings
 from app.core.db import set_process_role
@@ -48,12 +52,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery_app = celery_app
     app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
+    app.state.state_registry = CollectorRegistry(auto_describe=False)
+    app.state.state_registry.register(StateCollector(celery_app))
+    metrics.PROCESSES.labels("api").set(1)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Outermost, so even a 413 carries the request id.
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HttpMetrics)
     app.include_router(health_router)
-    app.include_router(api_router, prefix="/api/v1")
+    app.include_router(metrics_router)
+    app.include_router(api_router)
     return app
 
 

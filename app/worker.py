@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from app.core.config import get_settings
-from app.core.db import set_process_role
-from app.core.worker import install_worker_hooks
-from app.tasks.registry import load_task_modules
+from app.core.multiproc import prepare_multiprocess_dir
+
+# First, before prometheus_client is imported: the prefork pool's children share this directory.
+prepare_multiprocess_dir(get_settings().metrics_dir, "worker")
+
+from app.core.db import set_process_role  # noqa: E402
+from app.core.worker import install_worker_hooks  # noqa: E402
+from app.tasks.registry import load_task_modules  # noqa: E402
 
 set_process_role("worker")
 load_task_modules(get_settings().task_modules)

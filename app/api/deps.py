@@ -11,6 +11,9 @@ from sqlalchemy.orm import Session
 from app.core.db import session_factory
 from app.tasks.publisher import Publisher
 
+# The version prefix; each domain router carries it so routes know their full template.
+API_V1 = "/api/v1"
+
 
 def get_db() -> Iterator[Session]:
     """A session per request; write routes commit themselves, before they publish."""

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     # Users' own task modules, imported by every process (comma-separated in the environment).
     task_modules: Annotated[list[str], NoDecode, Field(default_factory=list)]
 
+    # prometheus-client's multiprocess files, one fresh directory per process group.
+    metrics_dir: Path = Path("/tmp/taskdock-metrics")  # noqa: S108
+    # Each worker serves its own /metrics here (0 turns it off).
+    worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9808
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 

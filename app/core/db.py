@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +27,12 @@ def set_process_role(role: str) -> None:
 
 
 def build_engine(settings: Settings, *, role: str) -> Engine:
+    engine = _create(settings, role=role)
+    _instrument(engine)
+    return engine
+
+
+def _create(settings: Settings, *, role: str) -> Engine:
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +61,44 @@ def build_engine(settings: Settings, *, role: str) -> Engine:
             "keepalives_count": 2,
         },
     )
+
+
+def _instrument(engine: Engine) -> None:
+    """Statement durations and pool usage, from SQLAlchemy's events."""
+    from app.core import metrics
+
+    size = engine.pool.size() if hasattr(engine.pool, "size") else 0
+    metrics.DB_POOL_SIZE.inc(size)
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        conn.info.setdefault("query_started", []).append(time.perf_counter())
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        started = conn.info["query_started"].pop()
+        kind = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else "other"
+        metrics.DB_QUERY_SECONDS.labels(kind if kind in _KINDS else "other").observe(
+            time.perf_counter() - started
+        )
+
+    @event.listens_for(engine, "handle_error")
+    def _error(context: Any) -> None:
+        if context.connection is not None:
+            stack = context.connection.info.get("query_started")
+            if stack:
+                stack.pop()
+
+    @event.listens_for(engine.pool, "checkout")
+    def _checkout(*_: Any) -> None:
+        metrics.DB_POOL_IN_USE.inc()
+
+    @event.listens_for(engine.pool, "checkin")
+    def _checkin(*_: Any) -> None:
+        metrics.DB_POOL_IN_USE.dec()
+
+
+_KINDS = {"select", "insert", "update", "delete", "begin", "commit", "rollback", "with", "pragma"}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -58,6 +58,30 @@ def install_worker_hooks(app: Celery, settings: Settings) -> None:
         # Connecting this signal stops Celery from configuring logging its own way.
         configure_logging(level=settings.log_level, fmt=settings.log_format)
 
+    @signals.worker_init.connect(weak=False)
+    def _serve_metrics(**_: Any) -> None:
+        if not settings.worker_metrics_port:
+            return
+        from prometheus_client import start_http_server
+
+        from app.core.metrics import collecting_registry
+
+        try:
+            start_http_server(settings.worker_metrics_port, registry=collecting_registry())
+        except OSError as exc:
+            logger.warning(
+                "worker metrics not served",
+                extra={"port": settings.worker_metrics_port, "reason": str(exc)},
+            )
+            return
+        logger.info("worker metrics served", extra={"port": settings.worker_metrics_port})
+
+    @signals.worker_process_init.connect(weak=False)
+    def _pool_process_up(**_: Any) -> None:
+        from app.core import metrics
+
+        metrics.PROCESSES.labels("worker").set(1)
+
 
 def heartbeat_age(path: Path) -> float | None:
     """Seconds since the heartbeat file was touched, or None if there is none."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import traceback as tb
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -33,6 +33,7 @@ class Claim:
     type: str
     payload: dict[str, Any]
     max_attempts: int
+    run_after: datetime
 
 
 def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def claim(
             started_at=now,
             updated_at=now,
         )
-        .returning(Task.deliveries, Task.type, Task.payload, Task.max_attempts)
+        .returning(Task.deliveries, Task.type, Task.payload, Task.max_attempts, Task.run_after)
         .execution_options(synchronize_session=False)
     ).one_or_none()
     if row is None:
@@ -79,6 +80,7 @@ def claim(
         type=row.type,
         payload=row.payload,
         max_attempts=row.max_attempts,
+        run_after=row.run_after,
     )
 
 

@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from app.api.deps import OwnerDep, PublisherDep, SessionDep
+from app.api.deps import API_V1, OwnerDep, PublisherDep, SessionDep
 from app.api.request_id import current_request_id
+from app.core import metrics
 from app.core.errors import error_body
 from app.db.base import utcnow
 from app.tasks import service
@@ -17,7 +18,7 @@ from app.tasks.registry import all_task_types
 from app.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskTypeRead
 from app.tasks.states import TaskStatus
 
-router = APIRouter(tags=["tasks"])
+router = APIRouter(prefix=API_V1, tags=["tasks"])
 
 _ERROR = {"content": {"application/json": {"example": error_body(code="...", message="...")}}}
 IdempotencyKey = Annotated[
@@ -74,6 +75,7 @@ def submit_task(
     if not created:
         response.status_code = status.HTTP_200_OK
         return read
+    metrics.TASKS_SUBMITTED.labels(task.type).inc()
     _publish_if_due(session=session, publisher=publisher, task=task)
     return read
 
@@ -124,6 +126,7 @@ def cancel_task(
 ) -> TaskRead:
     task, was_running = service.cancel(session=session, task_id=task_id, owner=owner)
     session.commit()
+    metrics.TASKS_CANCELLED.labels(task.type).inc()
     if was_running:
         publisher.revoke(task.id, task.attempt)
     return TaskRead.model_validate(task)

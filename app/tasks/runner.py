@@ -5,15 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
 
+from app.core import metrics
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.logging import log_context
+from app.db.base import utcnow
 from app.tasks import lifecycle
 from app.tasks.registry import TaskContext, TaskType, UnknownTaskType, get_task_type
 
@@ -26,6 +29,13 @@ class Outcome(StrEnum):
     FAILED = "failed"
     STALE = "stale"  # the message was for a finished, cancelled, held or older attempt
     LOST = "lost"  # the run lost its lease while running; its result was discarded
+
+
+_OUTCOME_COUNTERS = {
+    Outcome.SUCCEEDED: metrics.TASKS_SUCCEEDED,
+    Outcome.FAILED: metrics.TASKS_FAILED,
+    Outcome.RETRYING: metrics.TASKS_RETRIED,
+}
 
 
 class LeaseKeeper(threading.Thread):
@@ -74,10 +84,20 @@ def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings
     token = log_context.set(
         {**(log_context.get() or {}), "task_type": claim.type, "attempt": attempt}
     )
+    metrics.TASKS_STARTED.labels(claim.type).inc()
+    metrics.TASK_QUEUE_WAIT_SECONDS.labels(claim.type).observe(
+        max(0.0, (utcnow() - claim.run_after).total_seconds())
+    )
+    started = time.perf_counter()
     try:
-        return _run(claim=claim, settings=settings)
+        outcome = _run(claim=claim, settings=settings)
     finally:
         log_context.reset(token)
+    metrics.TASK_RUN_SECONDS.labels(claim.type).observe(time.perf_counter() - started)
+    counter = _OUTCOME_COUNTERS.get(outcome)
+    if counter is not None:
+        counter.labels(claim.type).inc()
+    return outcome
 
 
 def _run(*, claim: lifecycle.Claim, settings: Settings) -> Outcome:

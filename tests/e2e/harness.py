@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -38,7 +38,6 @@ COMPOSE_FILES = (
     ROOT / "deploy" / "production.yml",
     E2E / "compose.e2e.yml",
 )
-SECRET_NAMES = ("taskdock_database_password", "taskdock_broker_password")
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 # Filled in as the run goes; written to results/last-run.json and printed at the end.
@@ -223,6 +222,7 @@ def build_stand_ins() -> None:
 
 def app_build_command(context: Path, tag: str) -> list[str]:
     revision = run(["git", "rev-parse", "HEAD"], check=False).stdout.strip() or "unknown"
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     command = [
         "docker",
         "build",
@@ -232,6 +232,8 @@ def app_build_command(context: Path, tag: str) -> list[str]:
         "runtime",
         "--build-arg",
         f"BASE_IMAGE={BASE_IMAGE}",
+        "--build-arg",
+        f"VERSION={version}",
         "--build-arg",
         f"REVISION={revision}",
         "-t",
@@ -306,12 +308,8 @@ def free_port() -> int:
 
 
 def write_secrets(directory: Path) -> None:
-    """Random secrets for this run only; readable inside the containers (bind-mounted files)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name in SECRET_NAMES:
-        path = directory / name
-        path.write_text(secrets.token_urlsafe(24))
-        path.chmod(0o444)
+    """Random secrets for this run only, made by the script the README gives operators."""
+    run(["bash", "scripts/make-secrets.sh", str(directory)])
 
 
 @dataclass

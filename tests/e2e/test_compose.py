@@ -228,6 +228,7 @@ def test_api_stop_under_load_loses_no_accepted_request(compose_stack: Stack) -> 
         "requests": len(load.outcomes),
         "started_before_sigterm": len(before),
         "failed": len(failed),
+        "failed_outcomes": sorted({str(o["outcome"]) for o in failed}),
         "failed_after_acceptance": len(lost),
     }
     harness.run(["docker", "start", victim])

@@ -23,7 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     """The environment of one test system: its own data, quick leases, the test task types."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TASKDOCK_")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("TASKDOCK_") and key != "PROMETHEUS_MULTIPROC_DIR"
+    }
     env.update(
         {
             "PYTHONPATH": str(ROOT),
@@ -39,6 +43,8 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
             "TASKDOCK_DISPATCH_GRACE_SECONDS": "0.3",
             "TASKDOCK_WORKER_HEARTBEAT_FILE": str(data_dir / "worker.heartbeat"),
             "TASKDOCK_DISPATCHER_HEARTBEAT_FILE": str(data_dir / "dispatcher.heartbeat"),
+            "TASKDOCK_METRICS_DIR": str(data_dir / "metrics"),
+            "TASKDOCK_WORKER_METRICS_PORT": "0",
         }
     )
     env.update(overrides)

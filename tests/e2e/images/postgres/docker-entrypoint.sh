@@ -28,6 +28,8 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     fi
     pwfile="$(mktemp)"
     printf '%s\n' "$POSTGRES_PASSWORD" >"$pwfile"
+    # POSTGRES_INITDB_ARGS holds several arguments, as in the official image.
+    # shellcheck disable=SC2086
     initdb --username="$POSTGRES_USER" --pwfile="$pwfile" --auth-local=trust \
         --auth-host=scram-sha-256 ${POSTGRES_INITDB_ARGS:-} >/dev/null
     rm -f "$pwfile"

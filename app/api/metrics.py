@@ -1,0 +1,125 @@
+"""GET /metrics, the HTTP instrumentation, and gauges read from the record and the broker."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from celery import Celery
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core import metrics
+from app.core.db import session_scope
+from app.db.base import utcnow
+from app.tasks.models import Task
+from app.tasks.registry import all_task_types
+from app.tasks.states import WAITING
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+# Scrapes must stay fast even when the broker or the database is away.
+_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="metrics")
+STATE_TIMEOUT = 2.0
+
+
+class HttpMetrics:
+    """Counts and times every request by its route template, never the raw path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        status = 500
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics.HTTP_IN_PROGRESS.labels(method).inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            metrics.HTTP_IN_PROGRESS.labels(method).dec()
+            route = getattr(scope.get("route"), "path", None) or "<unmatched>"
+            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            metrics.HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
+
+
+class StateCollector(Collector):
+    """Backlog gauges read at scrape time: the outbox, tasks by status, broker queue depths."""
+
+    def __init__(self, celery_app: Celery) -> None:
+        self.celery_app = celery_app
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        future = _executor.submit(self._read)
+        try:
+            outbox, by_status, depths = future.result(timeout=STATE_TIMEOUT)
+        except Exception as exc:
+            logger.warning("metrics: backlog not readable", extra={"reason": repr(exc)[:200]})
+            return
+        yield GaugeMetricFamily(
+            "taskdock_outbox_tasks", "Tasks due but not yet published to the broker.", value=outbox
+        )
+        statuses = GaugeMetricFamily("taskdock_tasks", "Task records by status.", labels=["status"])
+        for status, count in sorted(by_status.items()):
+            statuses.add_metric([status], count)
+        yield statuses
+        queues = GaugeMetricFamily(
+            "taskdock_queue_depth", "Messages waiting in the broker by queue.", labels=["queue"]
+        )
+        for queue, depth in sorted(depths.items()):
+            queues.add_metric([queue], depth)
+        yield queues
+
+    def _read(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        waiting = [state.value for state in WAITING]
+        now = utcnow()
+        with session_scope() as session:
+            outbox = session.scalar(
+                select(func.count()).where(
+                    Task.status.in_(waiting), Task.published_at.is_(None), Task.run_after <= now
+                )
+            )
+            rows = session.execute(select(Task.status, func.count()).group_by(Task.status)).all()
+        return int(outbox or 0), {str(s): int(c) for s, c in rows}, self._depths()
+
+    def _depths(self) -> dict[str, int]:
+        depths: dict[str, int] = {}
+        queues = sorted({task.queue for task in all_task_types()} | {"default"})
+        try:
+            with self.celery_app.connection_for_read() as connection:
+                connection.ensure_connection(max_retries=0, timeout=1)
+                channel: Any = connection.default_channel
+                for queue in queues:
+                    try:
+                        depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])
+                    except Exception:
+                        # A queue no one declared yet (RabbitMQ closes the channel for it).
+                        channel = connection.channel()
+        except Exception as exc:
+            logger.warning("metrics: broker not readable", extra={"reason": repr(exc)[:200]})
+        return depths
+
+
+@router.get("/metrics", include_in_schema=False)
+def scrape(request: Request) -> Response:
+    registry = metrics.collecting_registry()
+    body = generate_latest(registry) + generate_latest(request.app.state.state_registry)
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)
