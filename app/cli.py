@@ -125,6 +125,19 @@ def migrate(
     engine = get_engine()
     migrations.upgrade(engine, revision)
     typer.echo(f"database at revision {migrations.current(engine)}")
+    bootstrap = get_settings().bootstrap_api_key
+    if bootstrap is not None and revision == "head":
+        from app.auth import service as keys_service
+        from app.core.db import session_scope
+
+        with session_scope() as session:
+            key = keys_service.ensure(
+                session=session,
+                name="bootstrap",
+                scopes=[keys_service.Scope.ADMIN],
+                plain=bootstrap.get_secret_value(),
+            )
+            typer.echo(f"bootstrap API key registered ({key.prefix})")
 
 
 @cli.command()
@@ -243,6 +256,70 @@ def status(
             typer.echo(f"  {next(iter(reply))}")
 
 
+keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+cli.add_typer(keys, name="keys")
+
+
+@keys.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who the key is for.")],
+    scopes: Annotated[
+        str, typer.Option(help="Comma-separated: submit, read, admin.")
+    ] = "submit,read",
+) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    from app.auth import service as keys_service
+    from app.core.db import session_scope
+
+    _setup("cli")
+    try:
+        chosen = [keys_service.Scope(s.strip()) for s in scopes.split(",") if s.strip()]
+    except ValueError:
+        typer.echo(f"unknown scope in {scopes!r}; use submit, read, admin", err=True)
+        raise typer.Exit(2) from None
+    if not chosen:
+        typer.echo("give at least one scope", err=True)
+        raise typer.Exit(2)
+    with session_scope() as session:
+        key, plain = keys_service.create(session=session, name=name, scopes=chosen)
+        typer.echo(f"created key {key.id} ({key.prefix}) for {name!r} with {', '.join(key.scopes)}")
+    typer.echo("store it now; it is not shown again:", err=True)
+    typer.echo(plain)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Every key: id, prefix, name, scopes, created, revoked."""
+    from app.auth import service as keys_service
+    from app.core.db import session_scope
+
+    _setup("cli")
+    with session_scope() as session:
+        for key in keys_service.list_keys(session=session):
+            revoked = key.revoked_at.isoformat() if key.revoked_at else "active"
+            typer.echo(
+                f"{key.id}  {key.prefix}  {key.name}  {','.join(key.scopes)}  "
+                f"{key.created_at.isoformat()}  {revoked}"
+            )
+
+
+@keys.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.")]) -> None:
+    """Revoke a key; requests with it are refused at once."""
+    from app.auth import service as keys_service
+    from app.core.db import session_scope
+    from app.core.errors import AppError
+
+    _setup("cli")
+    try:
+        with session_scope() as session:
+            revoked = keys_service.revoke(session=session, key=key)
+            typer.echo(f"revoked {revoked.id} ({revoked.prefix})")
+    except AppError as exc:
+        typer.echo(exc.message, err=True)
+        raise typer.Exit(1) from None
+
+
 @cli.command()
 def dev(
     host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
@@ -250,6 +327,8 @@ def dev(
 ) -> None:
     """Run everything on this machine: migrations, the API, a worker and the dispatcher."""
     os.environ.setdefault("TASKDOCK_LOG_FORMAT", "console")
+    # A laptop service on loopback: no keys needed (the API warns about it at start).
+    os.environ.setdefault("TASKDOCK_AUTH_ENABLED", "false")
     get_settings.cache_clear()
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)

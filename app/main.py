@@ -40,6 +40,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "api started",
             extra={"environment": settings.environment.value, "broker": settings.broker_name},
         )
+        if not settings.auth_enabled:
+            logger.warning("authentication is OFF: anyone who reaches the API can use it")
         yield
         app.state.publisher.close()
 

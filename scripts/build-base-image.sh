@@ -32,7 +32,6 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-[[ $EUID -eq 0 ]] || die "debootstrap needs root"
 command -v docker >/dev/null || die "docker client not found"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (is dockerd running?)"
 
@@ -91,6 +90,7 @@ if [[ $FORCE -eq 0 ]] &&
     exit 0
 fi
 
+[[ $EUID -eq 0 ]] || die "debootstrap needs root"
 command -v debootstrap >/dev/null || die "debootstrap not found (apt-get install -y debootstrap)"
 
 WORK="$(mktemp -d "${TMPDIR:-/var/tmp}/taskdock-base.XXXXXX")"

@@ -30,11 +30,5 @@ def get_publisher(request: Request) -> Publisher:
     return publisher
 
 
-def get_owner() -> str:
-    """The caller's identity; anonymous until API keys own tasks."""
-    return ""
-
-
 SessionDep = Annotated[Session, Depends(get_db)]
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
-OwnerDep = Annotated[str, Depends(get_owner)]

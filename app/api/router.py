@@ -1,10 +1,15 @@
-"""Where the versioned API is assembled. Health, metrics and docs live outside it."""
+"""Where the versioned API is assembled: every route below needs an API key.
+
+Health, metrics and the docs are mounted outside it in app/main.py, the only unauthenticated
+routes.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from app.auth.dependencies import get_principal
 from app.tasks.router import router as tasks_router
 
-api_router = APIRouter()
+api_router = APIRouter(dependencies=[Depends(get_principal)])
 api_router.include_router(tasks_router)

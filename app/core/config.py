@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     # Each worker serves its own /metrics here (0 turns it off).
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9808
 
+    # API keys on every /api route. Off only when asked (`taskdock dev` does), with a warning.
+    auth_enabled: bool = True
+    # A key registered with the admin scope by `taskdock migrate` (a Docker or Kubernetes secret).
+    bootstrap_api_key: SecretStr | None = None
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 

@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from app.api.deps import API_V1, OwnerDep, PublisherDep, SessionDep
+from app.api.deps import API_V1, PublisherDep, SessionDep
 from app.api.request_id import current_request_id
+from app.auth.dependencies import CanRead, CanSubmit, owner_filter
 from app.core import metrics
 from app.core.errors import error_body
 from app.db.base import utcnow
@@ -58,14 +59,14 @@ def submit_task(
     data: TaskCreate,
     session: SessionDep,
     publisher: PublisherDep,
-    owner: OwnerDep,
+    principal: CanSubmit,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskRead:
     task, created = service.submit(
         session=session,
         data=data,
-        owner=owner,
+        owner=principal.owner,
         idempotency_key=idempotency_key,
         request_id=current_request_id(),
     )
@@ -88,14 +89,19 @@ def submit_task(
 )
 def list_tasks(
     session: SessionDep,
-    owner: OwnerDep,
+    principal: CanRead,
     status_: Annotated[TaskStatus | None, Query(alias="status")] = None,
     type_: Annotated[str | None, Query(alias="type", max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> TaskPage:
     items, next_cursor = service.list_tasks(
-        session=session, owner=owner, status=status_, type_=type_, limit=limit, cursor=cursor
+        session=session,
+        owner=owner_filter(principal),
+        status=status_,
+        type_=type_,
+        limit=limit,
+        cursor=cursor,
     )
     return TaskPage(
         items=[TaskRead.model_validate(task) for task in items], next_cursor=next_cursor
@@ -108,8 +114,9 @@ def list_tasks(
     summary="Read a task",
     responses={404: {"description": "No such task", **_ERROR}},
 )
-def get_task(task_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> TaskRead:
-    return TaskRead.model_validate(service.get(session=session, task_id=task_id, owner=owner))
+def get_task(task_id: uuid.UUID, session: SessionDep, principal: CanRead) -> TaskRead:
+    task = service.get(session=session, task_id=task_id, owner=owner_filter(principal))
+    return TaskRead.model_validate(task)
 
 
 @router.post(
@@ -122,9 +129,11 @@ def get_task(task_id: uuid.UUID, session: SessionDep, owner: OwnerDep) -> TaskRe
     },
 )
 def cancel_task(
-    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, owner: OwnerDep
+    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, principal: CanSubmit
 ) -> TaskRead:
-    task, was_running = service.cancel(session=session, task_id=task_id, owner=owner)
+    task, was_running = service.cancel(
+        session=session, task_id=task_id, owner=owner_filter(principal)
+    )
     session.commit()
     metrics.TASKS_CANCELLED.labels(task.type).inc()
     if was_running:
@@ -143,9 +152,9 @@ def cancel_task(
     },
 )
 def retry_task(
-    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, owner: OwnerDep
+    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, principal: CanSubmit
 ) -> TaskRead:
-    task = service.retry(session=session, task_id=task_id, owner=owner)
+    task = service.retry(session=session, task_id=task_id, owner=owner_filter(principal))
     session.commit()
     read = TaskRead.model_validate(task)
     _publish_if_due(session=session, publisher=publisher, task=task)
@@ -153,7 +162,7 @@ def retry_task(
 
 
 @router.get("/task-types", response_model=list[TaskTypeRead], summary="Registered task types")
-def list_task_types() -> list[TaskTypeRead]:
+def list_task_types(principal: CanRead) -> list[TaskTypeRead]:
     return [
         TaskTypeRead(
             name=task.name,

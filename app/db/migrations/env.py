@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+from app.auth import models as auth_models  # noqa: F401 - registers the tables
 from app.db.base import Base
 from app.tasks import models  # noqa: F401 - registers the tables on Base.metadata
 

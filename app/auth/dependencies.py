@@ -1,0 +1,53 @@
+"""Who is calling, and may they? Every /api route depends on these (see app/api/router.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.api.deps import SessionDep
+from app.auth import service
+from app.auth.exceptions import MissingScope, NotAuthenticated
+from app.auth.service import ANONYMOUS, Principal, Scope
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `taskdock keys create`.")
+
+
+def get_principal(
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if not request.app.state.settings.auth_enabled:
+        return ANONYMOUS
+    if credentials is None or not credentials.credentials:
+        raise NotAuthenticated()
+    principal = service.authenticate(session=session, plain=credentials.credentials)
+    if principal is None:
+        raise NotAuthenticated("the API key is unknown or revoked")
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require(scope: Scope) -> Callable[[Principal], Principal]:
+    def check(principal: PrincipalDep) -> Principal:
+        if not principal.allows(scope):
+            raise MissingScope(f"this API key lacks the {scope.value!r} scope", scope=scope.value)
+        return principal
+
+    return check
+
+
+CanSubmit = Annotated[Principal, Depends(require(Scope.SUBMIT))]
+CanRead = Annotated[Principal, Depends(require(Scope.READ))]
+
+
+def owner_filter(principal: Principal) -> str | None:
+    """The owner a query is limited to; None lets an admin see every owner's tasks."""
+    return None if principal.admin else principal.owner
