@@ -13,6 +13,7 @@ from app.api.health import router as health_router
 from app.api.limits import BodySizeLimit
 from app.api.metrics import HttpMetrics, StateCollector
 from app.api.metrics import router as metrics_router
+from app.api.ratelimit import RateLimiter
 from app.api.request_id import RequestIdMiddleware
 from app.api.router import api_router
 from app.core import metrics
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery_app = celery_app
     app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
+    app.state.rate_limiter = RateLimiter(settings)
     app.state.state_registry = CollectorRegistry(auto_describe=False)
     app.state.state_registry.register(StateCollector(celery_app))
     metrics.PROCESSES.labels("api").set(1)

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     # A key registered with the admin scope by `taskdock migrate` (a Docker or Kubernetes secret).
     bootstrap_api_key: SecretStr | None = None
 
+    # Per API key, or per client IP when auth is off; "N/second|minute|hour|day" (limits syntax).
+    rate_limit_submit: str = "100/minute"
+    rate_limit_read: str = "1000/minute"
+    # Where counts are shared by every API process: default the Redis broker, else memory.
+    rate_limit_storage_url: str = ""
+    # Unfinished tasks one API key may have at once (0: no quota).
+    max_unfinished_tasks: Annotated[int, Field(ge=0)] = 1000
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
@@ -100,6 +108,17 @@ class Settings(BaseSettings):
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("rate_limit_submit", "rate_limit_read")
+    @classmethod
+    def _limit_syntax(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(f"not a rate limit: {value!r} (e.g. 100/minute)") from None
         return value
 
     @field_validator("database_url", "broker_url")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.core.errors import Conflict, NotFound
+from app.core.errors import AppError, Conflict, NotFound
 
 
 class TaskNotFound(NotFound):
@@ -18,3 +18,9 @@ class IdempotencyConflict(Conflict):
 class TaskFinished(Conflict):
     code = "task_finished"
     message = "the task has already finished"
+
+
+class QuotaExceeded(AppError):
+    status_code = 429
+    code = "quota_exceeded"
+    message = "too many unfinished tasks for this API key"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Response, status
 
 from app.api.deps import API_V1, PublisherDep, SessionDep
+from app.api.ratelimit import rate_limit
 from app.api.request_id import current_request_id
 from app.auth.dependencies import CanRead, CanSubmit, owner_filter
 from app.core import metrics
+from app.core.config import get_settings
 from app.core.errors import error_body
 from app.db.base import utcnow
 from app.tasks import service
@@ -42,8 +44,13 @@ def _publish_if_due(*, session: SessionDep, publisher: PublisherDep, task: Task)
         session.commit()
 
 
+SubmitLimit = [Depends(rate_limit("submit"))]
+ReadLimit = [Depends(rate_limit("read"))]
+
+
 @router.post(
     "/tasks",
+    dependencies=SubmitLimit,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TaskRead,
     summary="Submit a task",
@@ -51,6 +58,7 @@ def _publish_if_due(*, session: SessionDep, publisher: PublisherDep, task: Task)
         200: {"model": TaskRead, "description": "A repeat of an earlier Idempotency-Key"},
         409: {"description": "Idempotency-Key reused with a different body", **_ERROR},
         413: {"description": "Body too large", **_ERROR},
+        429: {"description": "Rate limit or unfinished-task quota reached", **_ERROR},
         422: {"description": "Unknown type or invalid payload", **_ERROR},
         503: {"description": "The database is unavailable; nothing was recorded", **_ERROR},
     },
@@ -69,6 +77,7 @@ def submit_task(
         owner=principal.owner,
         idempotency_key=idempotency_key,
         request_id=current_request_id(),
+        max_unfinished=get_settings().max_unfinished_tasks if principal.owner else 0,
     )
     session.commit()  # durable before anything else happens
     read = TaskRead.model_validate(task)
@@ -83,6 +92,7 @@ def submit_task(
 
 @router.get(
     "/tasks",
+    dependencies=ReadLimit,
     response_model=TaskPage,
     summary="List tasks, newest first",
     responses={422: {"description": "Invalid filter or cursor", **_ERROR}},
@@ -110,6 +120,7 @@ def list_tasks(
 
 @router.get(
     "/tasks/{task_id}",
+    dependencies=ReadLimit,
     response_model=TaskRead,
     summary="Read a task",
     responses={404: {"description": "No such task", **_ERROR}},
@@ -121,6 +132,7 @@ def get_task(task_id: uuid.UUID, session: SessionDep, principal: CanRead) -> Tas
 
 @router.post(
     "/tasks/{task_id}/cancel",
+    dependencies=SubmitLimit,
     response_model=TaskRead,
     summary="Cancel a queued or running task",
     responses={
@@ -143,6 +155,7 @@ def cancel_task(
 
 @router.post(
     "/tasks/{task_id}/retry",
+    dependencies=SubmitLimit,
     response_model=TaskRead,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Run a FAILED or CANCELLED task again as a new attempt",
@@ -161,7 +174,12 @@ def retry_task(
     return read
 
 
-@router.get("/task-types", response_model=list[TaskTypeRead], summary="Registered task types")
+@router.get(
+    "/task-types",
+    dependencies=ReadLimit,
+    response_model=list[TaskTypeRead],
+    summary="Registered task types",
+)
 def list_task_types(principal: CanRead) -> list[TaskTypeRead]:
     return [
         TaskTypeRead(

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,12 +18,17 @@ from app.core.config import get_settings
 from app.core.errors import InvalidInput, field_errors
 from app.db.base import utcnow
 from app.tasks import lifecycle
-from app.tasks.exceptions import IdempotencyConflict, TaskFinished, TaskNotFound
+from app.tasks.exceptions import (
+    IdempotencyConflict,
+    QuotaExceeded,
+    TaskFinished,
+    TaskNotFound,
+)
 from app.tasks.models import Task
 from app.tasks.publisher import Doorbell
 from app.tasks.registry import get_task_type
 from app.tasks.schemas import TaskCreate
-from app.tasks.states import TaskStatus, check_transition, sources
+from app.tasks.states import UNFINISHED, TaskStatus, check_transition, sources
 
 
 def request_hash(data: TaskCreate) -> str:
@@ -38,6 +43,7 @@ def submit(
     owner: str,
     idempotency_key: str | None,
     request_id: str | None = None,
+    max_unfinished: int = 0,
 ) -> tuple[Task, bool]:
     """Record a new task (QUEUED, not yet published); returns (task, created)."""
     task_type = get_task_type(data.type)
@@ -54,6 +60,9 @@ def submit(
         existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
         if existing is not None:
             return _same_request(existing, digest), False
+
+    if max_unfinished:
+        _check_quota(session=session, owner=owner, limit=max_unfinished)
 
     now = utcnow()
     run_after = now
@@ -94,6 +103,18 @@ def submit(
             raise
         return _same_request(existing, digest), False
     return task, True
+
+
+def _check_quota(*, session: Session, owner: str, limit: int) -> None:
+    unfinished = session.scalar(
+        select(func.count()).where(
+            Task.owner == owner, Task.status.in_([state.value for state in UNFINISHED])
+        )
+    )
+    if (unfinished or 0) >= limit:
+        raise QuotaExceeded(
+            f"this API key has {unfinished} unfinished tasks; the quota is {limit}", quota=limit
+        )
 
 
 def _by_idempotency_key(*, session: Session, owner: str, key: str) -> Task | None:
