@@ -2,11 +2,13 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PYTHON ?= python3
+BASE_IMAGE ?= python:3.11.14-slim-bookworm
+IMAGE ?= taskdock:local
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format e2e hadolint lock clean
+.PHONY: run test lint format e2e hadolint monitoring-check image base-image lock clean
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,26 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+## The application image (no registry: `make base-image`, then BASE_IMAGE=taskdock/base-python:3.11-bookworm).
+image:
+	docker build -f docker/Dockerfile --target runtime --build-arg BASE_IMAGE=$(BASE_IMAGE) -t $(IMAGE) .
+
+## Debian bookworm + Python 3.11 from this machine's Debian mirror (root, debootstrap); cached.
+base-image:
+	scripts/build-base-image.sh
+
+## Lint the Dockerfiles (failure threshold warning, DL3057 on: see .hadolint.yaml).
+hadolint: $(STAMP)
+	$(BIN)/hadolint --config .hadolint.yaml docker/Dockerfile tests/e2e/images/*/Dockerfile
+
+## promtool: the Prometheus config, the alert rules and their unit tests.
+monitoring-check:
+	scripts/check-monitoring.sh
+
+## Build the images, run the production compose stack on a real Docker engine (as root).
+e2e: $(STAMP)
+	$(BIN)/python -m pytest tests/e2e -m docker -v
 
 ## Re-pin the dependencies after editing pyproject.toml.
 lock: $(STAMP)

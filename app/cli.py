@@ -78,12 +78,12 @@ def worker(
     ] = None,
 ) -> None:
     """Run a Celery worker; arguments after the options are passed to Celery."""
-    from app.tasks.registry import all_task_types
+    from app.tasks.registry import known_queues
     from app.worker import celery_app
 
     settings = get_settings()
     if queues is None:
-        queues = ",".join(sorted({task.queue for task in all_task_types()} | {"default"}))
+        queues = ",".join(sorted(known_queues(settings.extra_queues)))
     argv = [
         "worker",
         f"--loglevel={settings.log_level}",
@@ -179,16 +179,12 @@ def wait(
 
 
 def _check_heartbeat(path: Path, max_age: float, what: str) -> None:
-    from app.core.worker import heartbeat_age
+    from app.healthcheck import heartbeat_status
 
-    age = heartbeat_age(path)
-    if age is None:
-        typer.echo(f"{what}: no heartbeat at {path}", err=True)
+    healthy, message = heartbeat_status(path, max_age, what)
+    typer.echo(message, err=not healthy)
+    if not healthy:
         raise typer.Exit(1)
-    if age > max_age:
-        typer.echo(f"{what}: heartbeat is {age:.0f}s old (limit {max_age:g}s)", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"{what}: heartbeat {age:.1f}s ago")
 
 
 @cli.command("worker-health")

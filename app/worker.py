@@ -9,7 +9,7 @@ from app.core.multiproc import prepare_multiprocess_dir
 prepare_multiprocess_dir(get_settings().metrics_dir, "worker")
 
 from app.core.db import set_process_role  # noqa: E402
-from app.core.worker import install_worker_hooks  # noqa: E402
+from app.core.worker_hooks import install_worker_hooks  # noqa: E402
 from app.tasks.registry import load_task_modules  # noqa: E402
 
 set_process_role("worker")

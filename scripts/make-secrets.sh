@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create the compose stack's secret files with random values, keeping any that already exist.
+# Create the compose stack's secret files with random values, keeping any that already exist:
+# the database and Redis passwords, and the bootstrap admin API key.
 #
 # Usage: scripts/make-secrets.sh [DIR]   (default: deploy/secrets, which git ignores)
 # The directory is private to its owner (0700); the files are readable (0444) because compose
@@ -7,7 +8,9 @@
 set -euo pipefail
 
 DIR="${1:-$(dirname "$0")/../deploy/secrets}"
-NAMES=(taskdock_database_password taskdock_broker_password)
+NAMES=(taskdock_database_password taskdock_broker_password taskdock_bootstrap_api_key grafana_admin_password)
+
+random_text() { head -c "$1" /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'; }
 
 install -d -m 0700 "$DIR"
 for name in "${NAMES[@]}"; do
@@ -16,8 +19,14 @@ for name in "${NAMES[@]}"; do
         echo "kept    $file"
         continue
     fi
-    # 32 URL-safe characters: no quoting surprises in connection URLs.
-    (umask 077 && head -c 24 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$file")
+    if [[ $name == taskdock_bootstrap_api_key ]]; then
+        # The format `taskdock keys create` prints: tdk_<8 hex id>_<secret>.
+        value="tdk_$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')_$(random_text 32)"
+    else
+        # 32 URL-safe characters: no quoting surprises in connection URLs.
+        value="$(random_text 24)"
+    fi
+    (umask 077 && printf '%s' "$value" >"$file")
     chmod 0444 "$file"
     echo "created $file"
 done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -139,3 +140,37 @@ def test_status_shows_backlog(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "outbox (due, not yet published): 0" in result.stdout
     assert "running with an expired lease (worker lost): 0" in result.stdout
+
+
+def test_light_healthcheck_agrees_with_settings(tmp_path: Path) -> None:
+    from app.core.config import Settings
+    from app.healthcheck import DEFAULTS, main
+
+    fields = Settings.model_fields
+    assert DEFAULTS["worker"] == (
+        str(fields["worker_heartbeat_file"].default),
+        fields["worker_heartbeat_max_age"].default,
+    )
+    assert DEFAULTS["dispatcher"] == (
+        str(fields["dispatcher_heartbeat_file"].default),
+        fields["dispatcher_heartbeat_max_age"].default,
+    )
+    assert main(["nonsense"]) == 2
+
+
+def test_light_healthcheck_reads_the_heartbeat(tmp_path: Path) -> None:
+    env = base_env(tmp_path / "data", TASKDOCK_WORKER_HEARTBEAT_MAX_AGE="5")
+    heartbeat = Path(env["TASKDOCK_WORKER_HEARTBEAT_FILE"])
+
+    def check() -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "app.healthcheck", "worker"], env=env, check=False
+        ).returncode
+
+    missing = check()
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    heartbeat.touch()
+    fresh = check()
+    os.utime(heartbeat, (time.time() - 60, time.time() - 60))
+
+    assert (missing, fresh, check()) == (1, 0, 1)

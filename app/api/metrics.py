@@ -17,10 +17,11 @@ from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core import metrics
+from app.core.config import get_settings
 from app.core.db import session_scope
 from app.db.base import utcnow
 from app.tasks.models import Task
-from app.tasks.registry import all_task_types
+from app.tasks.registry import known_queues
 from app.tasks.states import WAITING
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class StateCollector(Collector):
 
     def _depths(self) -> dict[str, int]:
         depths: dict[str, int] = {}
-        queues = sorted({task.queue for task in all_task_types()} | {"default"})
+        queues = sorted(known_queues(get_settings().extra_queues))
         try:
             with self.celery_app.connection_for_read() as connection:
                 connection.ensure_connection(max_retries=0, timeout=1)

@@ -10,8 +10,7 @@ from celery import Celery
 from app.core.config import Settings, get_settings
 
 JOB_NAME = "taskdock.execute"
-# Margin between a task's soft limit (recorded as a failure) and the hard kill.
-HARD_LIMIT_GRACE = 10.0
+FILESYSTEM_TRANSPORT = "app.core.fsbroker:Transport"
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -32,7 +31,9 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if scheme.startswith("redis"):
         # A lost ack must not loop a task: redelivery only after the longest run could end.
-        options["visibility_timeout"] = int(max_time_limit(settings) + HARD_LIMIT_GRACE + 60)
+        options["visibility_timeout"] = int(
+            max_time_limit(settings) + settings.task_hard_limit_grace + 60
+        )
         options["socket_connect_timeout"] = settings.publish_timeout
         options["socket_timeout"] = 5
         options["socket_keepalive"] = True
@@ -73,6 +74,7 @@ def create_celery_app(settings: Settings) -> Celery:
         broker_connection_timeout=settings.publish_timeout,
         broker_transport_options=broker_options(settings),
         broker_pool_limit=10,
+        broker_transport=FILESYSTEM_TRANSPORT if settings.broker_name == "broker" else None,
         timezone="UTC",
         enable_utc=True,
     )

@@ -7,6 +7,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -44,11 +45,12 @@ class Settings(BaseSettings):
 
     # Embedded mode keeps the SQLite file and the filesystem broker's folders here.
     data_dir: Path = Path(".taskdock")
-    database_url: str = ""
+    # URLs may carry a password: kept out of repr() and logs.
+    database_url: str = Field(default="", repr=False)
     database_password: SecretStr | None = None
     database_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     database_max_overflow: Annotated[int, Field(ge=0, le=200)] = 10
-    broker_url: str = ""
+    broker_url: str = Field(default="", repr=False)
     broker_password: SecretStr | None = None
 
     api_host: str = "127.0.0.1"
@@ -67,6 +69,8 @@ class Settings(BaseSettings):
     task_max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
     # For task types that declare no time limit of their own.
     task_default_time_limit: Annotated[float, Field(gt=0)] = 300.0
+    # From the soft time limit (raised in the task, recorded as its failure) to the hard kill.
+    task_hard_limit_grace: Annotated[float, Field(ge=1, le=600)] = 10.0
     dispatcher_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
     dispatcher_batch_size: Annotated[int, Field(ge=1, le=10000)] = 200
     dispatch_grace_seconds: Annotated[float, Field(ge=0, le=60)] = 2.0
@@ -81,6 +85,8 @@ class Settings(BaseSettings):
 
     # Users' own task modules, imported by every process (comma-separated in the environment).
     task_modules: Annotated[list[str], NoDecode, Field(default_factory=list)]
+    # Queues a submission may name besides those of the registered task types.
+    extra_queues: Annotated[list[str], NoDecode, Field(default_factory=list)]
 
     # prometheus-client's multiprocess files, one fresh directory per process group.
     metrics_dir: Path = Path("/tmp/taskdock-metrics")  # noqa: S108
@@ -96,14 +102,14 @@ class Settings(BaseSettings):
     rate_limit_submit: str = "100/minute"
     rate_limit_read: str = "1000/minute"
     # Where counts are shared by every API process: default the Redis broker, else memory.
-    rate_limit_storage_url: str = ""
+    rate_limit_storage_url: str = Field(default="", repr=False)
     # Unfinished tasks one API key may have at once (0: no quota).
     max_unfinished_tasks: Annotated[int, Field(ge=0)] = 1000
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
-    @field_validator("task_modules", mode="before")
+    @field_validator("task_modules", "extra_queues", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
@@ -166,13 +172,14 @@ class Settings(BaseSettings):
         if self.broker_password is None or "://" not in self.broker_url:
             return self.broker_url
         scheme, rest = self.broker_url.split("://", 1)
+        # Quoted, so a password with @ / : % cannot break the URL.
+        secret = quote(self.broker_password.get_secret_value(), safe="")
         if "@" in rest.split("/", 1)[0]:
             userinfo, host = rest.split("@", 1)
             if ":" in userinfo:
                 return self.broker_url
-            secret = self.broker_password.get_secret_value()
             return f"{scheme}://{userinfo}:{secret}@{host}"
-        return f"{scheme}://:{self.broker_password.get_secret_value()}@{rest}"
+        return f"{scheme}://:{secret}@{rest}"
 
     @property
     def broker_name(self) -> str:
@@ -214,8 +221,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         name = ".".join(str(loc) for loc in error["loc"])
-        variable = f"{ENV_PREFIX}{name.upper()}" if name else "configuration"
-        parts.append(f"{variable}: {error['msg']}")
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{ENV_PREFIX}{name.upper()}: {message}" if name else message)
     return "invalid configuration: " + "; ".join(parts)
 
 

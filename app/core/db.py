@@ -18,6 +18,7 @@ _lock = threading.Lock()
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _role = "api"
+READ_ONLY = "taskdock_read_only"
 
 
 def set_process_role(role: str) -> None:
@@ -49,7 +50,8 @@ def _create(settings: Settings, *, role: str) -> Engine:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
         pool_pre_ping=True,
-        pool_timeout=5,
+        # Waiting long for a pooled connection would break the API's 2-second promise.
+        pool_timeout=2,
         connect_args={
             "application_name": f"taskdock-{role}",
             # A dead database must surface quickly: health and submit promise seconds, not minutes.
@@ -113,8 +115,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin_immediate(connection: Any) -> None:
-    # Take the write lock at BEGIN so two processes never deadlock upgrading read locks.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # Take the write lock at BEGIN so two processes never deadlock upgrading read locks;
+    # read-only work (the health check) asks for a plain BEGIN and never waits for writers.
+    if connection.get_execution_options().get(READ_ONLY):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def get_engine() -> Engine:
@@ -162,5 +168,5 @@ def session_scope() -> Iterator[Session]:
 
 
 def ping(engine: Engine) -> None:
-    with engine.connect() as connection:
+    with engine.connect().execution_options(**{READ_ONLY: True}) as connection:
         connection.execute(text("SELECT 1"))

@@ -9,7 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,17 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
+    @app.exception_handler(DataError)
+    async def _bad_data(_request: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses (a NUL byte, an out-of-range number): the client's input.
+        return JSONResponse(
+            status_code=422,
+            content=error_body(code="invalid_value", message="a value was refused by the database"),
+        )
+
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
     async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         logger.warning("database unavailable", extra={"reason": str(exc).splitlines()[0]})
         return JSONResponse(

@@ -19,6 +19,7 @@ from app.core.config import Settings
 from app.core.db import get_engine, session_scope
 from app.tasks import lifecycle, service
 from app.tasks.publisher import send
+from app.tasks.registry import UnknownTaskType, get_task_type
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,13 @@ class Dispatcher:
     def _sweep(self, report: TickReport) -> None:
         try:
             with session_scope() as session:
-                report.requeued, report.failed = lifecycle.reap_expired_leases(
-                    session=session, max_deliveries=self.settings.task_max_deliveries
+                reaped = lifecycle.reap_expired_leases(
+                    session=session,
+                    max_deliveries=self.settings.task_max_deliveries,
+                    hard_limit=self.hard_limit,
                 )
+                report.requeued = reaped.requeued
+                report.failed = reaped.worker_lost + reaped.timed_out
                 report.republished = lifecycle.forget_stale_publications(
                     session=session, older_than=self.settings.republish_after_seconds
                 )
@@ -68,6 +73,16 @@ class Dispatcher:
                 "expired leases reaped",
                 extra={"requeued": report.requeued, "failed": report.failed},
             )
+
+    def hard_limit(self, type_: str) -> float:
+        """Seconds after which Celery has killed a run of this type."""
+        try:
+            limit = get_task_type(type_).time_limit
+        except UnknownTaskType:
+            limit = None
+        return (
+            limit or self.settings.task_default_time_limit
+        ) + self.settings.task_hard_limit_grace
 
     def _publish_due(self, report: TickReport) -> None:
         try:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import Reject
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app.core.celery import JOB_NAME
 from app.core.config import get_settings
 from app.core.logging import log_context
 from app.tasks import runner
+
+logger = logging.getLogger(__name__)
+REQUEUE_PAUSE = 2.0
 
 
 @shared_task(name=JOB_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -29,5 +36,11 @@ def execute(self: Any, task_id: str, attempt: int) -> str:
             settings=get_settings(),
         )
         return outcome.value
+    except (OperationalError, InterfaceError) as exc:
+        # The database is away. Acking would leave the record waiting for the lost-message
+        # sweep; hand the message back instead, after a pause so it does not spin.
+        logger.warning("database unavailable; message requeued", extra={"reason": str(exc)[:200]})
+        time.sleep(REQUEUE_PAUSE)
+        raise Reject(exc, requeue=True) from exc
     finally:
         log_context.reset(token)

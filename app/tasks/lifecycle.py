@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import traceback as tb
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,7 +60,9 @@ def claim(
     )
     row = session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.attempt == attempt, claimable, Task.run_after <= now)
+        # No run_after check: messages are sent only when due, and a worker whose clock runs
+        # a little behind the publisher's must not refuse them.
+        .where(Task.id == task_id, Task.attempt == attempt, claimable)
         .values(
             status=TaskStatus.RUNNING.value,
             deliveries=Task.deliveries + 1,
@@ -172,37 +175,64 @@ def give_up(*, session: Session, claim: Claim, reason: str) -> bool:
     )
 
 
-def reap_expired_leases(*, session: Session, max_deliveries: int) -> tuple[int, int]:
-    """RUNNING rows whose worker vanished: hand them out again, or end them as FAILED."""
+@dataclass
+class Reaped:
+    requeued: int = 0
+    worker_lost: int = 0
+    timed_out: int = 0
+
+
+def reap_expired_leases(
+    *, session: Session, max_deliveries: int, hard_limit: Callable[[str], float], batch: int = 500
+) -> Reaped:
+    """RUNNING rows whose lease ran out: their run is gone (its worker died, or Celery's hard
+    time limit killed it). Hand them out again, or end them as FAILED."""
     now = utcnow()
-    expired = and_(Task.status == TaskStatus.RUNNING.value, Task.lease_expires_at < now)
-    failed = session.execute(
-        update(Task)
-        .where(expired, Task.deliveries >= max_deliveries)
-        .values(
-            status=TaskStatus.FAILED.value,
-            error={
-                "type": "WorkerLost",
-                "message": f"the worker was lost {max_deliveries} times running this attempt",
-            },
-            finished_at=now,
-            updated_at=now,
-            lease_expires_at=None,
+    rows = session.execute(
+        select(Task.id, Task.type, Task.attempt, Task.deliveries, Task.started_at)
+        .where(Task.status == TaskStatus.RUNNING.value, Task.lease_expires_at < now)
+        .limit(batch)
+    ).all()
+    reaped = Reaped()
+    for row in rows:
+        values: dict[str, Any]
+        ran = (now - row.started_at).total_seconds() if row.started_at else 0.0
+        if ran >= hard_limit(row.type):
+            # No run outlives its hard limit: this one was killed for it. Retrying would
+            # most likely be killed again, so it ends here.
+            values = _failed(now, "TimeLimitExceeded", f"killed after its {ran:.0f}s time limit")
+            reaped.timed_out += 1
+        elif row.deliveries >= max_deliveries:
+            values = _failed(
+                now,
+                "WorkerLost",
+                f"the worker was lost {row.deliveries} times running this attempt",
+            )
+            reaped.worker_lost += 1
+        else:
+            values = {"status": TaskStatus.QUEUED.value, "published_at": None}
+            reaped.requeued += 1
+        session.execute(
+            update(Task)
+            .where(
+                Task.id == row.id,
+                Task.attempt == row.attempt,
+                Task.deliveries == row.deliveries,
+                Task.status == TaskStatus.RUNNING.value,
+                Task.lease_expires_at < now,
+            )
+            .values(lease_expires_at=None, updated_at=now, **values)
+            .execution_options(synchronize_session=False)
         )
-        .execution_options(synchronize_session=False)
-    )
-    requeued = session.execute(
-        update(Task)
-        .where(expired)
-        .values(
-            status=TaskStatus.QUEUED.value,
-            published_at=None,
-            lease_expires_at=None,
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return _rowcount(requeued), _rowcount(failed)
+    return reaped
+
+
+def _failed(now: datetime, kind: str, message: str) -> dict[str, Any]:
+    return {
+        "status": TaskStatus.FAILED.value,
+        "error": {"type": kind, "message": message},
+        "finished_at": now,
+    }
 
 
 def forget_stale_publications(*, session: Session, older_than: float) -> int:

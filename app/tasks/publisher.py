@@ -13,7 +13,8 @@ from typing import Any
 
 from celery import Celery
 
-from app.core.celery import HARD_LIMIT_GRACE, JOB_NAME
+from app.core.celery import JOB_NAME
+from app.core.config import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def send(app: Celery, bell: Doorbell, *, connection: Any = None) -> None:
     options: dict[str, Any] = {}
     if bell.time_limit:
         options["soft_time_limit"] = bell.time_limit
-        options["time_limit"] = bell.time_limit + HARD_LIMIT_GRACE
+        options["time_limit"] = bell.time_limit + get_settings().task_hard_limit_grace
     broker = app.conf.broker_url.split("://", 1)[0]
     # Redis sorts priority 0 first, RabbitMQ 9 first; the API speaks RabbitMQ's language.
     priority = 9 - bell.priority if broker.startswith("redis") else bell.priority

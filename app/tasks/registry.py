@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from app.core.config import ConfigError
 from app.core.errors import InvalidInput
 
 InputT = TypeVar("InputT", bound=BaseModel)
@@ -138,8 +139,18 @@ def all_task_types() -> list[TaskType]:
     return sorted(_registry.values(), key=lambda task: task.name)
 
 
+def known_queues(extra: list[str]) -> set[str]:
+    """Every queue a worker consumes by default and a submission may name."""
+    return {task.queue for task in _registry.values()} | {"default"} | set(extra)
+
+
 def load_task_modules(modules: list[str]) -> None:
     """Import the built-in task types and every user module named in settings."""
     importlib.import_module("app.tasks.builtin")
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(
+                f"invalid configuration: TASKDOCK_TASK_MODULES: cannot import {module!r} ({exc})"
+            ) from None

@@ -125,15 +125,15 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Outcome:
         payload = task_type.validate_payload(claim.payload)
         result = task_type.dump_result(task_type.func(payload, ctx))
     except ValidationError as exc:
-        keeper.stop()
         # Bad input never gets better by retrying.
         return _record_failure(claim=claim, exc=exc, task_type=None)
     except Exception as exc:
-        keeper.stop()
         if ctx.cancelled:
             return Outcome.LOST
         return _record_failure(claim=claim, exc=exc, task_type=task_type)
-    keeper.stop()
+    finally:
+        # Whatever ends the run (even SystemExit in a thread pool), the lease must stop.
+        keeper.stop()
     if ctx.cancelled:
         logger.info("result discarded: the run lost its lease")
         return Outcome.LOST

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.tasks.states import TaskStatus
 
@@ -44,6 +44,13 @@ class TaskCreate(BaseModel):
         if self.countdown is not None and self.eta is not None:
             raise ValueError("give countdown or eta, not both")
         return self
+
+    @field_validator("eta")
+    @classmethod
+    def _eta_in_range(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value - datetime.now(UTC) > timedelta(seconds=MAX_COUNTDOWN):
+            raise ValueError("eta may be at most 30 days ahead")
+        return value
 
 
 class TaskError(BaseModel):

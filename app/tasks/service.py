@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
@@ -26,9 +26,16 @@ from app.tasks.exceptions import (
 )
 from app.tasks.models import Task
 from app.tasks.publisher import Doorbell
-from app.tasks.registry import get_task_type
+from app.tasks.registry import get_task_type, known_queues
 from app.tasks.schemas import TaskCreate
-from app.tasks.states import UNFINISHED, TaskStatus, check_transition, sources
+from app.tasks.states import (
+    TERMINAL,
+    UNFINISHED,
+    IllegalTransition,
+    TaskStatus,
+    check_transition,
+    sources,
+)
 
 
 def request_hash(data: TaskCreate) -> str:
@@ -55,6 +62,15 @@ def submit(
             error["loc"] = ["body", "payload", *error["loc"]]
         raise InvalidInput("payload does not match the task type's input", fields=fields) from None
 
+    queue = data.queue or task_type.queue
+    if queue not in known_queues(get_settings().extra_queues):
+        # No worker would ever consume it: the task would wait forever.
+        raise InvalidInput(
+            f"unknown queue {queue!r}",
+            fields=[
+                {"loc": ["body", "queue"], "msg": f"unknown queue {queue!r}", "type": "unknown"}
+            ],
+        )
     digest = request_hash(data)
     if idempotency_key is not None:
         existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
@@ -75,7 +91,7 @@ def submit(
         type=task_type.name,
         payload=payload,
         status=TaskStatus.QUEUED.value,
-        queue=data.queue or task_type.queue,
+        queue=queue,
         priority=data.priority,
         attempt=1,
         max_attempts=task_type.max_attempts,
@@ -152,8 +168,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         parsed = datetime.fromisoformat(created)
         if parsed.tzinfo is None:
             raise ValueError("naive")
-        return parsed, uuid.UUID(task_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return parsed.astimezone(UTC), uuid.UUID(task_id)
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise InvalidInput(
             "malformed cursor",
             fields=[{"loc": ["query", "cursor"], "msg": "malformed cursor", "type": "value_error"}],
@@ -194,54 +210,77 @@ def list_tasks(
 def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> tuple[Task, bool]:
     """Record CANCELLED; returns (task, was_running) so the caller can revoke after commit."""
     task = get(session=session, task_id=task_id, owner=owner)
-    current = TaskStatus(task.status)
-    if current.terminal:
-        raise TaskFinished(f"a {current.value} task cannot be cancelled", status=current.value)
-    check_transition(current, TaskStatus.CANCELLED)
-    now = utcnow()
-    changed = session.execute(
-        update(Task)
-        .where(
-            Task.id == task.id,
-            Task.attempt == task.attempt,
-            Task.status.in_(sources(TaskStatus.CANCELLED)),
+    # Twice at most: a worker may move the task to its next attempt between read and write.
+    for _ in range(2):
+        current = TaskStatus(task.status)
+        if current.terminal:
+            raise TaskFinished(f"a {current.value} task cannot be cancelled", status=current.value)
+        check_transition(current, TaskStatus.CANCELLED)
+        now = utcnow()
+        changed = _rowcount(
+            session.execute(
+                update(Task)
+                .where(
+                    Task.id == task.id,
+                    Task.attempt == task.attempt,
+                    Task.status == current.value,
+                )
+                .values(
+                    status=TaskStatus.CANCELLED.value,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
         )
-        .values(
-            status=TaskStatus.CANCELLED.value,
-            finished_at=now,
-            updated_at=now,
-            lease_expires_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    ).rowcount  # type: ignore[attr-defined]
-    session.refresh(task)
-    if not changed:
-        # It finished between our read and our write.
-        raise TaskFinished(f"a {task.status} task cannot be cancelled", status=task.status)
-    return task, current is TaskStatus.RUNNING
+        session.refresh(task)
+        if changed:
+            return task, current is TaskStatus.RUNNING
+    raise TaskFinished(f"a {task.status} task cannot be cancelled", status=task.status)
 
 
 def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     """Run a FAILED or CANCELLED task again as a new attempt with a fresh retry budget."""
     task = get(session=session, task_id=task_id, owner=owner)
     check_transition(TaskStatus(task.status), TaskStatus.QUEUED)
+    budget = get_task_type(task.type).retry.max_retries
     now = utcnow()
-    task_type = get_task_type(task.type)
-    task.attempt += 1
-    task.max_attempts = task.attempt + task_type.retry.max_retries
-    task.status = TaskStatus.QUEUED.value
-    task.deliveries = 0
-    task.run_after = now
-    task.published_at = None
-    task.queued_at = None
-    task.lease_expires_at = None
-    task.started_at = None
-    task.finished_at = None
-    task.result = None
-    task.error = None
-    task.updated_at = now
-    session.flush()
+    changed = _rowcount(
+        session.execute(
+            update(Task)
+            .where(
+                Task.id == task.id,
+                Task.attempt == task.attempt,
+                # Only a finished task: two concurrent retries make one new attempt, not two.
+                Task.status.in_(sources(TaskStatus.QUEUED) & TERMINAL),
+            )
+            .values(
+                attempt=task.attempt + 1,
+                max_attempts=task.attempt + 1 + budget,
+                status=TaskStatus.QUEUED.value,
+                deliveries=0,
+                run_after=now,
+                published_at=None,
+                queued_at=None,
+                lease_expires_at=None,
+                started_at=None,
+                finished_at=None,
+                result=None,
+                error=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+    )
+    session.refresh(task)
+    if not changed:
+        raise IllegalTransition(f"a {task.status} task cannot be retried", status=task.status)
     return task
+
+
+def _rowcount(result: object) -> int:
+    return int(getattr(result, "rowcount", 0))
 
 
 def doorbell(task: Task) -> Doorbell:

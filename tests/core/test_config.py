@@ -117,3 +117,24 @@ def test_process_stops_at_start_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("invalid configuration: TASKDOCK_API_PORT")
     assert "Traceback" not in result.stderr
+
+
+def test_unimportable_task_module_is_one_line(tmp_path: Path) -> None:
+    env = base_env(tmp_path / "data", TASKDOCK_TASK_MODULES="no.such.module")
+
+    result = taskdock("migrate", env=env)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "invalid configuration: TASKDOCK_TASK_MODULES: cannot import 'no.such.module' "
+        "(No module named 'no')"
+    ]
+
+
+def test_broker_password_is_quoted_into_the_url(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TASKDOCK_BROKER_URL", "amqp://taskdock@mq:5672//")
+    monkeypatch.setenv("TASKDOCK_BROKER_PASSWORD", "p@ss/w:rd%")
+
+    assert Settings().celery_broker_url == "amqp://taskdock:p%40ss%2Fw%3Ard%25@mq:5672//"

@@ -67,6 +67,15 @@ def test_every_service_healthy_within_60s_and_ready(compose_stack: Stack) -> Non
     assert services == {"db", "redis", "migrate", "api", "worker", "dispatcher", "nginx"}
 
 
+def test_api_requires_a_key_and_the_bootstrap_key_is_admin(compose_stack: Stack) -> None:
+    body = {"type": "process_data", "payload": {"user_id": 1, "data": "x"}}
+    with httpx.Client(base_url=compose_stack.url, timeout=10) as anonymous:
+        assert anonymous.post("/api/v1/tasks", json=body).status_code == 401
+    admin = {"Authorization": f"Bearer {compose_stack.bootstrap_key}"}
+    response = compose_stack.http.post("/api/v1/tasks", json=body, headers=admin)
+    assert response.status_code == 202, response.text
+
+
 def test_hundred_tasks_all_succeed(compose_stack: Stack) -> None:
     started = time.monotonic()
     ids = [
@@ -180,7 +189,7 @@ class Load:
             thread.join(timeout=30)
 
     def _client(self) -> None:
-        with httpx.Client(base_url=self.stack.url, timeout=30) as client:
+        with self.stack.client(timeout=30) as client:
             while not self.stop.is_set():
                 key = str(uuid.uuid4())
                 started = time.monotonic()

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
+from app.core.db import session_scope
+from app.tasks.models import Task
 from tests.conftest import migrate_now
 from tests.support import services
 from tests.support.services import RedisServer, free_port
@@ -73,6 +76,11 @@ def test_broker_down_at_submit_loses_nothing(
             assert response.json()["queued_at"] is None
             ids.append(response.json()["id"])
         assert slowest < 2.0  # a bounded publish, never Celery's own retry loop
+        with session_scope() as session:
+            unpublished = session.scalar(
+                select(func.count()).select_from(Task).where(Task.published_at.is_(None))
+            )
+        assert unpublished == 50  # recorded, waiting in the outbox for the broker
 
         own_redis.start()
         stack.worker()
@@ -136,8 +144,9 @@ def test_poison_task_ends_failed_never_running(
         done = wait_status(client, response.json()["id"], {"SUCCEEDED", "FAILED"}, timeout=90)
     assert done["status"] == "FAILED"
     assert done["error"]["type"] == "WorkerLost"
-    assert "3 times" in done["error"]["message"]
-    assert done["deliveries"] == 3
+    assert "times running this attempt" in done["error"]["message"]
+    # Three hand-outs died; under load a fourth may be claimed and ended at once.
+    assert done["deliveries"] in (3, 4)
 
 
 def test_database_down_answers_503_fast_and_publishes_nothing(
@@ -159,7 +168,8 @@ def test_database_down_answers_503_fast_and_publishes_nothing(
     assert response.json()["code"] == "database_unavailable"
     assert elapsed < 2.0
     broker = redis.Redis(port=own_redis.port)
-    assert [key for key in broker.keys("*") if not key.startswith(b"_kombu")] == []
+    # No message anywhere (the rate limiter's own counter may live here too).
+    assert [key for key in broker.keys("*") if not key.startswith((b"_kombu", b"taskdock:"))] == []
 
 
 @pytest.fixture

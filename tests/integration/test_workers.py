@@ -18,9 +18,12 @@ from fastapi.testclient import TestClient
 from kombu import Connection
 from sqlalchemy import func, select
 
+from app.core.celery import get_celery_app
 from app.core.config import get_settings
 from app.core.db import session_scope
+from app.tasks import service
 from app.tasks.models import Task
+from app.tasks.schemas import TaskCreate
 from tests.support.services import wait_for
 from tests.support.stack import Stack, running_stack, wait_status
 
@@ -169,21 +172,24 @@ def test_countdown_is_held_in_the_database_until_due(stack: Stack, client: TestC
 
 def test_pickled_message_is_refused(stack: Stack, client: TestClient) -> None:
     worker = stack.worker()
-    # A record no one has published; a pickled message for it arrives on the queue.
-    task = submit(
-        client,
-        {"type": "process_data", "payload": {"user_id": 1, "data": "x"}, "countdown": 600},
+    # A due record nobody has published; only a pickled message for it reaches the queue.
+    data = TaskCreate.model_validate(
+        {"type": "process_data", "payload": {"user_id": 1, "data": "x"}}
     )
+    with session_scope() as session:
+        task, _ = service.submit(session=session, data=data, owner="", idempotency_key=None)
+        task_id = str(task.id)
     settings = get_settings()
     with Connection(
-        settings.celery_broker_url, transport_options=dict(stack_transport_options())
+        settings.celery_broker_url,
+        transport=get_celery_app().conf.broker_transport,
+        transport_options=dict(stack_transport_options()),
     ) as connection:
-        producer = connection.Producer(serializer="pickle")
-        producer.publish(
-            [[task["id"], 1], {}, {"callbacks": None, "errbacks": None, "chain": None}],
+        connection.Producer(serializer="pickle").publish(
+            [[task_id, 1], {}, {"callbacks": None, "errbacks": None, "chain": None}],
             routing_key="default",
             exchange="",
-            headers={"task": "taskdock.execute", "id": f"{task['id']}.1", "lang": "py"},
+            headers={"task": "taskdock.execute", "id": f"{task_id}.1", "lang": "py"},
             declare=[],
             serializer="pickle",
         )
@@ -194,8 +200,8 @@ def test_pickled_message_is_refused(stack: Stack, client: TestClient) -> None:
 
     assert "pickle" in worker.output()
     assert "ContentDisallowed" in worker.output() or "Refusing" in worker.output()
-    current = client.get(f"/api/v1/tasks/{task['id']}").json()
-    assert current["status"] == "QUEUED"
+    current = client.get(f"/api/v1/tasks/{task_id}").json()
+    assert current["status"] == "QUEUED"  # due, yet never run: the message was refused
     assert current["deliveries"] == 0
 
 
@@ -255,3 +261,49 @@ def test_request_id_reaches_every_worker_log_line(stack: Stack, client: TestClie
     assert {line["message"] for line in mine} >= {"task started", "task succeeded"}
     assert all(line.get("request_id") == "trace-me-1" for line in mine), mine
     assert all(line.get("task_type") == "process_data" for line in mine if "task_type" in line)
+
+
+def test_failed_task_retried_by_hand_succeeds(stack: Stack, client: TestClient) -> None:
+    stack.worker()
+    stack.dispatcher()
+    task = submit(client, {"type": "tests.flaky", "payload": {"fail_times": 3}})
+    failed = wait_status(client, task["id"], FINISHED)
+    assert (failed["status"], failed["attempt"]) == ("FAILED", 3)
+
+    response = client.post(f"/api/v1/tasks/{task['id']}/retry")
+
+    assert response.status_code == 202
+    done = wait_status(client, task["id"], FINISHED)
+    assert done["status"] == "SUCCEEDED"
+    assert done["attempt"] == 4
+    assert done["result"] == {"attempt": 4}
+    assert done["error"] is None
+
+
+def test_soft_time_limit_is_recorded_as_the_failure(stack: Stack, client: TestClient) -> None:
+    stack.worker()
+    task = submit(client, {"type": "tests.slow", "payload": {"seconds": 30}})
+
+    done = wait_status(client, task["id"], FINISHED)
+
+    assert done["status"] == "FAILED"
+    assert done["error"]["type"] == "SoftTimeLimitExceeded"
+    assert done["deliveries"] == 1
+
+
+def test_hard_time_limit_ends_the_task_once(
+    embedded_env: dict[str, str], embedded_client: TestClient, tmp_path: Path
+) -> None:
+    with running_stack(embedded_env, tmp_path / "logs") as stack:
+        stack.worker()
+        stack.dispatcher()
+        task = submit(
+            embedded_client,
+            {"type": "tests.slow", "payload": {"seconds": 60, "ignore_soft_limit": True}},
+        )
+
+        done = wait_status(embedded_client, task["id"], FINISHED, timeout=60)
+
+    assert done["status"] == "FAILED"
+    assert done["error"]["type"] == "TimeLimitExceeded"
+    assert done["deliveries"] == 1  # killed once, never handed out again

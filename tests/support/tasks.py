@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
+from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ConfigDict
 
 from app.tasks.registry import RetryPolicy, TaskContext, task_type
@@ -67,3 +69,21 @@ class StrictOutput(BaseModel):
 def bad_output(payload: BadOutputInput, ctx: TaskContext) -> dict[str, str]:
     """Returns what its output model refuses."""
     return {"count": "many"}
+
+
+class SlowInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    seconds: float
+    ignore_soft_limit: bool = False
+
+
+@task_type("tests.slow", input=SlowInput, retry=RetryPolicy(max_retries=0), time_limit=1)
+def slow(payload: SlowInput, ctx: TaskContext) -> None:
+    """Overruns its 1-second time limit; may even ignore the soft limit."""
+    deadline = time.monotonic() + payload.seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            if not payload.ignore_soft_limit:
+                raise

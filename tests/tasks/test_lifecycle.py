@@ -14,7 +14,7 @@ from app.db.base import utcnow
 from app.tasks import lifecycle, service
 from app.tasks.models import Task
 from app.tasks.schemas import TaskCreate
-from app.tasks.states import TaskStatus
+from app.tasks.states import IllegalTransition, TaskStatus
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -69,13 +69,11 @@ def test_claim_takes_the_task_once(database: str) -> None:
     assert load(task_id).status == TaskStatus.RUNNING
 
 
-def test_claim_ignores_other_attempts_and_early_messages(database: str) -> None:
+def test_claim_ignores_other_attempts(database: str) -> None:
     task_id = new_task()
-    later = new_task(countdown=3600)
 
     assert claim(task_id, attempt=2) is None
-    assert claim(later) is None
-    assert load(later).status == TaskStatus.QUEUED
+    assert load(task_id).status == TaskStatus.QUEUED
 
 
 def test_stale_run_cannot_overwrite_the_newer_one(database: str) -> None:
@@ -155,9 +153,11 @@ def test_reaper_requeues_lost_runs_and_fails_poison(database: str) -> None:
         session.execute(update(Task).where(Task.id == poison).values(deliveries=3))
 
     with session_scope() as session:
-        requeued, failed = lifecycle.reap_expired_leases(session=session, max_deliveries=3)
+        reaped = lifecycle.reap_expired_leases(
+            session=session, max_deliveries=3, hard_limit=lambda _type: 3600
+        )
 
-    assert (requeued, failed) == (1, 1)
+    assert (reaped.requeued, reaped.worker_lost, reaped.timed_out) == (1, 1, 0)
     assert load(lost).status == TaskStatus.QUEUED
     assert load(lost).published_at is None
     assert load(poison).status == TaskStatus.FAILED
@@ -211,3 +211,41 @@ def test_runner_runs_a_task_once(database: str) -> None:
     assert task.status == TaskStatus.SUCCEEDED
     assert task.result["processed"] == "X"
     assert execute(task_id=task_id, attempt=1, worker="x", settings=get_settings()) is Outcome.STALE
+
+
+def test_reaper_ends_a_run_killed_by_its_hard_time_limit(database: str) -> None:
+    task_id = new_task()
+    assert claim(task_id) is not None
+    with session_scope() as session:
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(
+                started_at=utcnow() - timedelta(seconds=120),
+                lease_expires_at=utcnow() - timedelta(seconds=1),
+            )
+        )
+
+    with session_scope() as session:
+        reaped = lifecycle.reap_expired_leases(
+            session=session, max_deliveries=3, hard_limit=lambda _type: 70
+        )
+
+    assert reaped.timed_out == 1
+    task = load(task_id)
+    assert task.status == TaskStatus.FAILED
+    assert task.error is not None
+    assert task.error["type"] == "TimeLimitExceeded"
+
+
+def test_a_second_retry_makes_no_second_attempt(database: str) -> None:
+    task_id = new_task()
+    with session_scope() as session:
+        service.cancel(session=session, task_id=task_id, owner=None)
+    with session_scope() as first_session:
+        first = service.retry(session=first_session, task_id=task_id, owner=None)
+    with session_scope() as second_session, pytest.raises(IllegalTransition):
+        service.retry(session=second_session, task_id=task_id, owner=None)
+
+    assert first.attempt == 2
+    assert load(task_id).attempt == 2

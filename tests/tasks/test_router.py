@@ -3,6 +3,7 @@ embedded one, whose queue is a folder this test owns)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -18,6 +19,11 @@ from sqlalchemy import func, select
 from app.core.db import session_scope
 from app.tasks.models import Task
 
+OVERFLOWING_CURSOR = (
+    base64.urlsafe_b64encode(f"9999-12-31T23:59:59-10:00|{uuid.UUID(int=0)}".encode())
+    .decode()
+    .rstrip("=")
+)
 PROCESS = {"type": "process_data", "payload": {"user_id": 7, "data": "hello  world"}}
 
 
@@ -97,11 +103,13 @@ def test_clients_cannot_set_server_fields(client: TestClient, field: str) -> Non
 @pytest.mark.parametrize(
     ("extra", "where"),
     [
-        ({"countdown": 5, "eta": "2030-01-01T00:00:00Z"}, ["body"]),
+        ({"countdown": 5, "eta": "2001-01-01T00:00:00Z"}, ["body"]),
         ({"eta": "2030-01-01T00:00:00"}, ["body", "eta"]),
         ({"countdown": -1}, ["body", "countdown"]),
         ({"priority": 10}, ["body", "priority"]),
         ({"queue": "bad queue!"}, ["body", "queue"]),
+        ({"queue": "no-worker-consumes-this"}, ["body", "queue"]),
+        ({"eta": "9999-12-31T23:59:59-10:00"}, ["body", "eta"]),
     ],
 )
 def test_schedule_and_routing_are_validated(
@@ -109,8 +117,8 @@ def test_schedule_and_routing_are_validated(
 ) -> None:
     response = client.post("/api/v1/tasks", json={**PROCESS, **extra})
 
-    body = assert_error(response, 422, "validation_error")
-    assert where in [error["loc"] for error in body["fields"]]
+    assert response.status_code == 422, response.text
+    assert where in [error["loc"] for error in response.json()["fields"]]
     assert count_tasks() == 0
 
 
@@ -229,7 +237,16 @@ def test_list_filters_by_type_and_status(client: TestClient, five_tasks: list[st
 
 @pytest.mark.parametrize(
     "params",
-    [{"limit": 0}, {"limit": 201}, {"status": "PENDING"}, {"cursor": "%%%"}, {"cursor": "bm9wZQ"}],
+    [
+        {"limit": 0},
+        {"limit": 201},
+        {"status": "PENDING"},
+        {"cursor": "%%%"},
+        {"cursor": "bm9wZQ"},
+        {"type": "a\x00b"},
+        # A cursor whose timestamp overflows when converted to UTC.
+        {"cursor": OVERFLOWING_CURSOR},
+    ],
 )
 def test_list_rejects_bad_parameters(client: TestClient, params: dict[str, Any]) -> None:
     assert_error(client.get("/api/v1/tasks", params=params), 422, "validation_error")
@@ -357,3 +374,13 @@ def test_request_id_is_kept_on_the_record(client: TestClient) -> None:
         row = session.get(Task, uuid.UUID(response.json()["id"]))
         assert row is not None
         assert row.request_id == "req-77"
+
+
+def test_health_names_the_broker_in_use(client: TestClient, backend: dict[str, str]) -> None:
+    expected = {"redis": "redis", "amqp": "rabbitmq"}.get(
+        backend.get("TASKDOCK_BROKER_URL", "").split("://")[0], "broker"
+    )
+
+    body = client.get("/health/ready").json()
+
+    assert body == {"status": "ok", "db": True, expected: True}

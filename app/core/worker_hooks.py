@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,11 +80,3 @@ def install_worker_hooks(app: Celery, settings: Settings) -> None:
         from app.core import metrics
 
         metrics.PROCESSES.labels("worker").set(1)
-
-
-def heartbeat_age(path: Path) -> float | None:
-    """Seconds since the heartbeat file was touched, or None if there is none."""
-    try:
-        return time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return None
