@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format e2e hadolint monitoring-check image base-image lock clean
+.PHONY: run test lint format fuzz e2e hadolint monitoring-check image base-image lock clean
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ run: $(STAMP)
 
 ## The test suite with the coverage gate (PostgreSQL, Redis and RabbitMQ on localhost).
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not docker" --cov --cov-report=term --cov-fail-under=80
+	$(BIN)/python -m pytest -m "not docker and not fuzz" --cov --cov-report=term --cov-fail-under=80
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -45,6 +45,10 @@ base-image:
 ## Lint the Dockerfiles (failure threshold warning, DL3057 on: see .hadolint.yaml).
 hadolint: $(STAMP)
 	$(BIN)/hadolint --config .hadolint.yaml docker/Dockerfile tests/e2e/images/*/Dockerfile
+
+## schemathesis against the live API: every operation, hundreds of examples each, auth included.
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest tests/api/test_schemathesis.py -m fuzz -v
 
 ## promtool: the Prometheus config, the alert rules and their unit tests.
 monitoring-check:

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CollectorRegistry
 
 from app.api.health import router as health_router
@@ -46,11 +48,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         app.state.publisher.close()
 
+    docs = settings.docs_on
     app = FastAPI(
         title="taskdock",
         version="0.1.0",
         summary="Durable background tasks behind an HTTP API.",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.settings = settings
     app.state.celery_app = celery_app
@@ -61,6 +67,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.PROCESSES.labels("api").set(1)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["Location", "X-Request-ID", "Retry-After", "RateLimit-Remaining"],
+        )
+    if settings.allowed_hosts != ["*"]:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     # Outermost, so even a 413 carries the request id.
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetrics)

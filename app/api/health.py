@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 
 from app.core.db import get_engine, ping
 
@@ -47,6 +48,15 @@ async def bounded(check: Callable[[], Any], limit: float) -> bool:
     return True
 
 
+class HealthReport(BaseModel):
+    """`db` and the broker's check (`redis`, `rabbitmq` or `broker`), each true or false."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str
+    db: bool
+
+
 @router.get("/health/live", summary="The process serves requests")
 async def live() -> dict[str, str]:
     return {"status": "ok"}
@@ -55,7 +65,8 @@ async def live() -> dict[str, str]:
 @router.get(
     "/health/ready",
     summary="The database and the broker answer",
-    responses={503: {"description": "A dependency does not answer"}},
+    response_model=HealthReport,
+    responses={503: {"model": HealthReport, "description": "A dependency does not answer"}},
 )
 @router.get("/health", include_in_schema=False)
 async def ready(request: Request) -> JSONResponse:

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     # A key registered with the admin scope by `taskdock migrate` (a Docker or Kubernetes secret).
     bootstrap_api_key: SecretStr | None = None
 
+    # Host headers the API answers (Starlette's TrustedHostMiddleware); "*" allows any.
+    allowed_hosts: Annotated[list[str], NoDecode, Field(default_factory=lambda: ["*"])]
+    # Browser origins allowed by CORS; empty turns CORS off.
+    cors_origins: Annotated[list[str], NoDecode, Field(default_factory=list)]
+    # /docs, /redoc and /openapi.json; unset means on, except in production.
+    docs_enabled: bool | None = None
+
     # Per API key, or per client IP when auth is off; "N/second|minute|hour|day" (limits syntax).
     rate_limit_submit: str = "100/minute"
     rate_limit_read: str = "1000/minute"
@@ -109,7 +116,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
-    @field_validator("task_modules", "extra_queues", mode="before")
+    @field_validator("task_modules", "extra_queues", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
@@ -149,6 +156,12 @@ class Settings(BaseSettings):
             if not self.broker_url or self.broker_url.startswith("filesystem"):
                 raise ValueError("TASKDOCK_BROKER_URL must name Redis or RabbitMQ in production")
         return self
+
+    @property
+    def docs_on(self) -> bool:
+        if self.docs_enabled is not None:
+            return self.docs_enabled
+        return self.environment is not Environment.PRODUCTION
 
     @property
     def embedded(self) -> bool:

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,6 +53,38 @@ class ServiceUnavailable(AppError):
     status_code = 503
     code = "service_unavailable"
     message = "a dependency is unavailable; retry later"
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer; some errors add details (a task id, a status, a scope)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+    fields: list[FieldError] | None = None
+
+
+def described(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# Answers any /api route may give; routes add their own (404, 409, 413).
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: described("The body is not parseable (not JSON, not UTF-8)"),
+    401: described("No valid API key"),
+    403: described("The API key lacks the scope"),
+    413: described("Request body too large"),
+    422: described("Invalid input; `fields` names what is wrong"),
+    429: described("Rate limit or quota reached; see Retry-After"),
+    503: described("The database is unavailable"),
+}
 
 
 def error_body(
@@ -111,10 +144,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 413:
+            # Close the connection so the server stops reading the rest of a huge body.
+            headers["Connection"] = "close"
         return JSONResponse(
             status_code=exc.status_code,
             content=error_body(code=code, message=str(exc.detail)),
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
 
     @app.exception_handler(DataError)

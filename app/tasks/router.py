@@ -14,7 +14,7 @@ from app.api.request_id import current_request_id
 from app.auth.dependencies import CanRead, CanSubmit, owner_filter
 from app.core import metrics
 from app.core.config import get_settings
-from app.core.errors import error_body
+from app.core.errors import described
 from app.db.base import utcnow
 from app.tasks import service
 from app.tasks.models import Task
@@ -25,7 +25,6 @@ from app.tasks.states import TaskStatus
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix=API_V1, tags=["tasks"])
 
-_ERROR = {"content": {"application/json": {"example": error_body(code="...", message="...")}}}
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -65,11 +64,11 @@ ReadLimit = [Depends(rate_limit("read"))]
     summary="Submit a task",
     responses={
         200: {"model": TaskRead, "description": "A repeat of an earlier Idempotency-Key"},
-        409: {"description": "Idempotency-Key reused with a different body", **_ERROR},
-        413: {"description": "Body too large", **_ERROR},
-        429: {"description": "Rate limit or unfinished-task quota reached", **_ERROR},
-        422: {"description": "Unknown type or invalid payload", **_ERROR},
-        503: {"description": "The database is unavailable; nothing was recorded", **_ERROR},
+        409: described("Idempotency-Key reused with a different body"),
+        413: described("Body too large"),
+        429: described("Rate limit or unfinished-task quota reached"),
+        422: described("Unknown type or invalid payload"),
+        503: described("The database is unavailable; nothing was recorded"),
     },
 )
 def submit_task(
@@ -104,7 +103,7 @@ def submit_task(
     dependencies=ReadLimit,
     response_model=TaskPage,
     summary="List tasks, newest first",
-    responses={422: {"description": "Invalid filter or cursor", **_ERROR}},
+    responses={422: described("Invalid filter or cursor")},
 )
 def list_tasks(
     session: SessionDep,
@@ -132,7 +131,7 @@ def list_tasks(
     dependencies=ReadLimit,
     response_model=TaskRead,
     summary="Read a task",
-    responses={404: {"description": "No such task", **_ERROR}},
+    responses={404: described("No such task")},
 )
 def get_task(task_id: uuid.UUID, session: SessionDep, principal: CanRead) -> TaskRead:
     task = service.get(session=session, task_id=task_id, owner=owner_filter(principal))
@@ -145,8 +144,8 @@ def get_task(task_id: uuid.UUID, session: SessionDep, principal: CanRead) -> Tas
     response_model=TaskRead,
     summary="Cancel a queued or running task",
     responses={
-        404: {"description": "No such task", **_ERROR},
-        409: {"description": "The task has already finished", **_ERROR},
+        404: described("No such task"),
+        409: described("The task has already finished"),
     },
 )
 def cancel_task(
@@ -169,8 +168,8 @@ def cancel_task(
     status_code=status.HTTP_202_ACCEPTED,
     summary="Run a FAILED or CANCELLED task again as a new attempt",
     responses={
-        404: {"description": "No such task", **_ERROR},
-        409: {"description": "The task is not FAILED or CANCELLED", **_ERROR},
+        404: described("No such task"),
+        409: described("The task is not FAILED or CANCELLED"),
     },
 )
 def retry_task(

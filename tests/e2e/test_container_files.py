@@ -130,7 +130,21 @@ def test_every_long_running_service_has_a_healthcheck_and_a_restart_policy() -> 
             continue
         assert "test" in service.get("healthcheck", {}), f"{name} has no healthcheck"
         assert service.get("restart") in ("always", "unless-stopped"), name
-    assert services["worker"]["healthcheck"]["test"] == ["CMD", "taskdock", "worker-health"]
+    # The consumer-loop heartbeat, never `celery inspect ping` (celery/celery#8082).
+    assert services["worker"]["healthcheck"]["test"] == [
+        "CMD",
+        "python",
+        "-m",
+        "app.healthcheck",
+        "worker",
+    ]
+    assert services["dispatcher"]["healthcheck"]["test"] == [
+        "CMD",
+        "python",
+        "-m",
+        "app.healthcheck",
+        "dispatcher",
+    ]
     assert "noeviction" in " ".join(services["redis"]["command"])
 
 
