@@ -22,7 +22,7 @@ from app.core.db import session_scope
 from app.db.base import utcnow
 from app.tasks.models import Task
 from app.tasks.registry import known_queues
-from app.tasks.states import WAITING
+from app.tasks.states import WAITING, TaskStatus
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -63,33 +63,50 @@ class HttpMetrics:
 
 
 class StateCollector(Collector):
-    """Backlog gauges read at scrape time: the outbox, tasks by status, broker queue depths."""
+    """Backlog gauges read at scrape time: the outbox, tasks by status, broker queue depths.
+
+    The database and the broker are read apart, each within its own time limit, so a slow
+    broker never hides the database's gauges (which an alert reads as "database down").
+    """
 
     def __init__(self, celery_app: Celery) -> None:
         self.celery_app = celery_app
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        future = _executor.submit(self._read)
+        from_db = _executor.submit(self._read_database)
+        from_broker = _executor.submit(self._read_broker)
         try:
-            outbox, by_status, depths = future.result(timeout=STATE_TIMEOUT)
+            outbox, by_status = from_db.result(timeout=STATE_TIMEOUT)
         except Exception as exc:
-            logger.warning("metrics: backlog not readable", extra={"reason": repr(exc)[:200]})
-            return
+            logger.warning("metrics: database not readable", extra={"reason": repr(exc)[:200]})
+        else:
+            yield GaugeMetricFamily(
+                "taskdock_outbox_tasks",
+                "Tasks due but not yet published to the broker.",
+                value=outbox,
+            )
+            statuses = GaugeMetricFamily(
+                "taskdock_tasks", "Task records by status.", labels=["status"]
+            )
+            for status in TaskStatus:
+                statuses.add_metric([status.value], by_status.get(status.value, 0))
+            yield statuses
+        try:
+            depths: dict[str, int] | None = from_broker.result(timeout=STATE_TIMEOUT)
+        except Exception:
+            depths = None
         yield GaugeMetricFamily(
-            "taskdock_outbox_tasks", "Tasks due but not yet published to the broker.", value=outbox
+            "taskdock_broker_up", "1 if the broker answered this scrape.", value=depths is not None
         )
-        statuses = GaugeMetricFamily("taskdock_tasks", "Task records by status.", labels=["status"])
-        for status, count in sorted(by_status.items()):
-            statuses.add_metric([status], count)
-        yield statuses
-        queues = GaugeMetricFamily(
-            "taskdock_queue_depth", "Messages waiting in the broker by queue.", labels=["queue"]
-        )
-        for queue, depth in sorted(depths.items()):
-            queues.add_metric([queue], depth)
-        yield queues
+        if depths is not None:
+            queues = GaugeMetricFamily(
+                "taskdock_queue_depth", "Messages waiting in the broker by queue.", labels=["queue"]
+            )
+            for queue, depth in sorted(depths.items()):
+                queues.add_metric([queue], depth)
+            yield queues
 
-    def _read(self) -> tuple[int, dict[str, int], dict[str, int]]:
+    def _read_database(self) -> tuple[int, dict[str, int]]:
         waiting = [state.value for state in WAITING]
         now = utcnow()
         with session_scope() as session:
@@ -99,23 +116,21 @@ class StateCollector(Collector):
                 )
             )
             rows = session.execute(select(Task.status, func.count()).group_by(Task.status)).all()
-        return int(outbox or 0), {str(s): int(c) for s, c in rows}, self._depths()
+        return int(outbox or 0), {str(s): int(c) for s, c in rows}
 
-    def _depths(self) -> dict[str, int]:
+    def _read_broker(self) -> dict[str, int]:
         depths: dict[str, int] = {}
         queues = sorted(known_queues(get_settings().extra_queues))
-        try:
-            with self.celery_app.connection_for_read() as connection:
-                connection.ensure_connection(max_retries=0, timeout=1)
-                channel: Any = connection.default_channel
-                for queue in queues:
-                    try:
-                        depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])
-                    except Exception:
-                        # A queue no one declared yet (RabbitMQ closes the channel for it).
-                        channel = connection.channel()
-        except Exception as exc:
-            logger.warning("metrics: broker not readable", extra={"reason": repr(exc)[:200]})
+        with self.celery_app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=0, timeout=1)
+            channel: Any = connection.default_channel
+            for queue in queues:
+                try:
+                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])
+                except connection.channel_errors:
+                    # Not declared, or (Redis) emptied and so deleted: nothing waits there.
+                    depths[queue] = 0
+                    channel = connection.channel()
         return depths
 
 

@@ -115,3 +115,31 @@ def test_each_worker_serves_its_own_metrics(
             return False
 
         wait_for(down, timeout=10, what="the stopped worker's metrics to go away")
+
+
+@pytest.mark.slow
+def test_broker_gauges_apart_from_the_database(tmp_path: Path, configure: object) -> None:
+    from app.main import create_app
+    from tests.conftest import migrate_now
+    from tests.support.services import RedisServer
+
+    redis_server = RedisServer(tmp_path / "redis")
+    configure(base_env(tmp_path / "data", TASKDOCK_BROKER_URL=redis_server.url))  # type: ignore[operator]
+    migrate_now()
+    with TestClient(create_app()) as client:
+        down = scrape(client.get("/metrics").text)
+        redis_server.start()
+        try:
+            up = scrape(client.get("/metrics").text)
+        finally:
+            redis_server.stop()
+
+    # A dead broker: reported as down, and the database's gauges are still there.
+    assert value(down, "taskdock_broker_up") == 0
+    assert ("taskdock_outbox_tasks", ()) in down
+    assert value(down, "taskdock_tasks", status="QUEUED") == 0
+    assert ("taskdock_queue_depth", (("queue", "default"),)) not in down
+    # An idle Redis has no list for the queue at all: that is a depth of 0, not a gap.
+    assert value(up, "taskdock_broker_up") == 1
+    assert ("taskdock_queue_depth", (("queue", "default"),)) in up
+    assert value(up, "taskdock_queue_depth", queue="default") == 0
