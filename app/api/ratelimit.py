@@ -49,7 +49,7 @@ class RateLimiter:
         options: dict[str, Any] = {}
         if url.startswith("redis"):
             # A slow Redis must not slow every request: fail open quickly instead.
-            options = {"socket_connect_timeout": 0.5, "socket_timeout": 0.5}
+            options = {"socket_connect_timeout": 0.25, "socket_timeout": 0.25}
         self.storage = storage_from_string(url, key_prefix="taskdock", **options)
         self.strategy = FixedWindowRateLimiter(self.storage)
         self._quiet_until = 0.0

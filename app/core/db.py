@@ -19,6 +19,8 @@ _engine: Engine | None = None
 _engine_pid: int | None = None
 _role = "api"
 READ_ONLY = "taskdock_read_only"
+# A request must not wait long behind a lock (a migration, a stuck transaction): it answers 503.
+_API_LIMITS = {"options": "-c lock_timeout=2000 -c statement_timeout=10000"}
 
 
 def set_process_role(role: str) -> None:
@@ -61,6 +63,7 @@ def _create(settings: Settings, *, role: str) -> Engine:
             "keepalives_idle": 10,
             "keepalives_interval": 2,
             "keepalives_count": 2,
+            **(_API_LIMITS if role == "api" else {}),
         },
     )
 

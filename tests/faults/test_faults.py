@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,3 +222,25 @@ def test_health_never_hangs_on_a_dead_database(
     assert body["db"] is False
     assert elapsed < 1.5
     assert live.status_code == 200
+
+
+def test_silent_broker_never_hangs_a_submission(
+    tmp_path: Path, configure: object, blackhole: int
+) -> None:
+    configure(  # type: ignore[operator]
+        base_env(tmp_path / "data", TASKDOCK_BROKER_URL=f"redis://127.0.0.1:{blackhole}/0")
+    )
+    migrate_now()
+    with make_client() as client:
+        started = time.monotonic()
+        response = client.post(
+            "/api/v1/tasks", json={"type": "process_data", "payload": {"user_id": 1, "data": "x"}}
+        )
+        elapsed = time.monotonic() - started
+
+    assert response.status_code == 202
+    assert elapsed < 2.0  # TASKDOCK_PUBLISH_TIMEOUT (1 s) bounds it, not the socket's timeout
+    with session_scope() as session:
+        task = session.get(Task, uuid.UUID(response.json()["id"]))
+        assert task is not None
+        assert task.published_at is None  # left for the dispatcher
