@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format fuzz e2e hadolint monitoring-check image base-image lock clean
+.PHONY: run test lint format fuzz e2e hadolint k8s-check monitoring-check image base-image lock clean
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ hadolint: $(STAMP)
 ## schemathesis against the live API: every operation, hundreds of examples each, auth included.
 fuzz: $(STAMP)
 	$(BIN)/python -m pytest tests/api/test_schemathesis.py -m fuzz -v
+
+## The Kubernetes overlays and the GitHub workflows: rendered, schema-checked, linted (tests/deploy).
+k8s-check: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/deploy
 
 ## promtool: the Prometheus config, the alert rules and their unit tests.
 monitoring-check:
