@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     if settings.allowed_hosts != ["*"]:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
-    # Outermost, so even a 413 carries the request id.
+    # Around everything but the metrics, so even a 413 carries the request id.
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetrics)
     app.include_router(health_router)

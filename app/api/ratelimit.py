@@ -48,31 +48,34 @@ class RateLimiter:
         url = storage_url(settings)
         options: dict[str, Any] = {}
         if url.startswith("redis"):
-            # A slow Redis must not slow every request: fail open quickly instead.
+            # A slow Redis must not slow every request: give up on it quickly instead.
             options = {"socket_connect_timeout": 0.25, "socket_timeout": 0.25}
         self.storage = storage_from_string(url, key_prefix="taskdock", **options)
         self.strategy = FixedWindowRateLimiter(self.storage)
+        # While the shared storage is away, each process still limits on its own.
+        self.fallback = FixedWindowRateLimiter(storage_from_string("memory://"))
         self._quiet_until = 0.0
         self.limits: dict[str, RateLimitItem] = {
             "submit": parse(settings.rate_limit_submit),
             "read": parse(settings.rate_limit_read),
+            "auth_failures": parse(settings.rate_limit_auth_failures),
         }
 
-    def hit(self, name: str, identity: str) -> dict[str, str] | None:
-        """Count one request; the RateLimit headers, or None when the storage is unreachable."""
-        if time.monotonic() < self._quiet_until:
-            return None
+    def hit(self, name: str, identity: str) -> dict[str, str]:
+        """Count one request and return its RateLimit headers; RateLimited when over the limit."""
         item = self.limits[name]
+        strategy = self.fallback if time.monotonic() < self._quiet_until else self.strategy
         try:
-            allowed = self.strategy.hit(item, name, identity)
-            stats = self.strategy.get_window_stats(item, name, identity)
+            allowed = strategy.hit(item, name, identity)
+            stats = strategy.get_window_stats(item, name, identity)
         except Exception as exc:
-            # Fail open, and stop asking for a while so a dead Redis costs requests nothing.
+            # Stop asking for a while, so a dead Redis costs requests nothing.
             self._quiet_until = time.monotonic() + QUIET_SECONDS
             logger.warning(
-                "rate limit storage unavailable; not limiting", extra={"reason": str(exc)}
+                "rate limit storage unavailable; limiting per process", extra={"reason": str(exc)}
             )
-            return None
+            allowed = self.fallback.hit(item, name, identity)
+            stats = self.fallback.get_window_stats(item, name, identity)
         reset = max(0, math.ceil(stats.reset_time - time.time()))
         headers = {
             "RateLimit-Limit": str(item.amount),
@@ -91,8 +94,6 @@ def rate_limit(name: str) -> Callable[..., None]:
         limiter: RateLimiter = request.app.state.rate_limiter
         client = request.client.host if request.client else "unknown"
         identity = f"key:{principal.owner}" if principal.owner else f"ip:{client}"
-        headers = limiter.hit(name, identity)
-        if headers:
-            response.headers.update(headers)
+        response.headers.update(limiter.hit(name, identity))
 
     return check

@@ -23,10 +23,15 @@ def get_principal(
 ) -> Principal:
     if not request.app.state.settings.auth_enabled:
         return ANONYMOUS
-    if credentials is None or not credentials.credentials:
-        raise NotAuthenticated()
-    principal = service.authenticate(session=session, plain=credentials.credentials)
+    principal = None
+    if credentials is not None and credentials.credentials:
+        principal = service.authenticate(session=session, plain=credentials.credentials)
     if principal is None:
+        # Every refused attempt counts against the client's address: guessing keys gets 429.
+        client = request.client.host if request.client else "unknown"
+        request.app.state.rate_limiter.hit("auth_failures", f"ip:{client}")
+        if credentials is None or not credentials.credentials:
+            raise NotAuthenticated()
         raise NotAuthenticated("the API key is unknown or revoked")
     request.state.principal = principal
     return principal

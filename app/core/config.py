@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     # Per API key, or per client IP when auth is off; "N/second|minute|hour|day" (limits syntax).
     rate_limit_submit: str = "100/minute"
     rate_limit_read: str = "1000/minute"
+    # Requests with a missing or wrong API key, per client IP: guessing keys gets 429.
+    rate_limit_auth_failures: str = "60/minute"
     # Where counts are shared by every API process: default the Redis broker, else memory.
     rate_limit_storage_url: str = Field(default="", repr=False)
     # Unfinished tasks one API key may have at once (0: no quota).
@@ -123,7 +125,7 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("rate_limit_submit", "rate_limit_read")
+    @field_validator("rate_limit_submit", "rate_limit_read", "rate_limit_auth_failures")
     @classmethod
     def _limit_syntax(cls, value: str) -> str:
         from limits import parse

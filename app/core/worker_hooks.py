@@ -29,8 +29,10 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.path: Path = parent.app.conf.taskdock_heartbeat_file
         self.tref: Any = None
+        self.consumer: Any = None
 
     def start(self, parent: Any) -> None:
+        self.consumer = parent
         self._beat()
         self.tref = parent.timer.call_repeatedly(HEARTBEAT_INTERVAL, self._beat, (), priority=10)
 
@@ -40,7 +42,22 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
             self.tref = None
         self.path.unlink(missing_ok=True)
 
+    def _consuming(self) -> bool:
+        """The loop runs, and it is connected and subscribed to its queues."""
+        consumer = getattr(self, "consumer", None)
+        if consumer is None:
+            return True
+        connection = getattr(consumer, "connection", None)
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if connection is None or not connection.connected or task_consumer is None:
+            return False
+        active = getattr(task_consumer, "_active_tags", None)
+        return active is None or bool(active)
+
     def _beat(self) -> None:
+        if not self._consuming():
+            logger.warning("the worker is not consuming; heartbeat withheld")
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch()

@@ -40,7 +40,7 @@ def process_data(payload: ProcessDataInput, ctx: TaskContext) -> ProcessDataOutp
 class SleepInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    seconds: float = Field(ge=0, le=3600)
+    seconds: float = Field(ge=0, le=300)
     fail: bool = Field(default=False, description="Raise after sleeping (tests the retry policy).")
 
 
@@ -58,7 +58,7 @@ class SleepFailed(RuntimeError):
     input=SleepInput,
     output=SleepOutput,
     retry=RetryPolicy(max_retries=2, backoff=0.5, backoff_max=5),
-    time_limit=3600,
+    time_limit=310,
 )
 def sleep(payload: SleepInput, ctx: TaskContext) -> SleepOutput:
     """Sleep for a while (demos, tests and benchmarks); stops early when cancelled."""

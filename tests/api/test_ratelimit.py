@@ -122,3 +122,41 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy(tmp_path: Path, trusted:
         assert codes == [202] * 7  # each address is a real client behind the proxy
     else:
         assert 429 in codes  # the header is ignored: all of it is one client, 127.0.0.1
+
+
+def test_guessing_keys_gets_429(tmp_path: Path, configure: object) -> None:
+    from app.main import create_app
+
+    configure(  # type: ignore[operator]
+        base_env(
+            tmp_path / "data",
+            TASKDOCK_AUTH_ENABLED="true",
+            TASKDOCK_RATE_LIMIT_AUTH_FAILURES="3/minute",
+        )
+    )
+    migrate_now()
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        codes = [
+            client.get(
+                "/api/v1/tasks", headers={"Authorization": f"Bearer tdk_00000000_guess{n}"}
+            ).status_code
+            for n in range(4)
+        ]
+    assert codes == [401, 401, 401, 429]
+
+
+def test_dead_shared_storage_still_limits_per_process(tmp_path: Path, configure: object) -> None:
+    from app.main import create_app
+
+    dead = f"redis://127.0.0.1:{services.free_port()}/0"
+    configure(  # type: ignore[operator]
+        base_env(
+            tmp_path / "data",
+            TASKDOCK_RATE_LIMIT_SUBMIT="2/minute",
+            TASKDOCK_RATE_LIMIT_STORAGE_URL=dead,
+        )
+    )
+    migrate_now()
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        codes = [client.post("/api/v1/tasks", json=PROCESS).status_code for _ in range(3)]
+    assert codes == [202, 202, 429]

@@ -165,5 +165,16 @@ def test_production_overlay_hardens_and_publishes_no_data_ports() -> None:
         assert "ports" not in production[name], name
     everything = COMPOSE.read_text() + PRODUCTION.read_text()
     assert "docker.sock" not in everything
-    stop_grace = production["worker"]["stop_grace_period"]
-    assert int(stop_grace.rstrip("s")) >= 300, "below the default task time limit"
+    stop_grace = int(production["worker"]["stop_grace_period"].rstrip("s"))
+    assert stop_grace > longest_run(), "a warm shutdown would cut the longest task short"
+
+
+def longest_run() -> float:
+    """The longest a run can take: the largest time limit of any task type, plus the hard grace."""
+    from app.core.celery import max_time_limit
+    from app.core.config import Settings
+    from app.tasks.registry import load_task_modules
+
+    load_task_modules([])
+    settings = Settings()
+    return max_time_limit(settings) + settings.task_hard_limit_grace

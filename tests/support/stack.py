@@ -50,6 +50,7 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
             # The suite submits far faster than a client should; the limit tests set their own.
             "TASKDOCK_RATE_LIMIT_SUBMIT": "100000/minute",
             "TASKDOCK_RATE_LIMIT_READ": "100000/minute",
+            "TASKDOCK_RATE_LIMIT_AUTH_FAILURES": "100000/minute",
         }
     )
     env.update(overrides)
