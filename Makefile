@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format fuzz e2e hadolint k8s-check monitoring-check image base-image lock clean
+.PHONY: run test lint format fuzz e2e hadolint k8s-check bench monitoring-check image base-image lock clean
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ monitoring-check:
 ## Build the images, run the production compose stack on a real Docker engine (as root).
 e2e: $(STAMP)
 	$(BIN)/python -m pytest tests/e2e -m docker -v
+
+## Benchmarks against their baselines (needs wrk and redis-server; not part of the tests).
+bench: $(STAMP)
+	$(BIN)/python bench/bench_api.py
 
 ## Re-pin the dependencies after editing pyproject.toml.
 lock: $(STAMP)
