@@ -145,6 +145,7 @@ def wait(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 60.0,
 ) -> None:
     """Wait until the database and the broker answer (for container entrypoints)."""
+    from app.api.health import broker_check
     from app.core.celery import get_celery_app
     from app.core.db import get_engine, ping
 
@@ -162,8 +163,7 @@ def wait(
                 reasons["database"] = str(exc).splitlines()[0] if str(exc) else repr(exc)
         if not pending[settings.broker_name]:
             try:
-                with get_celery_app().connection_for_read() as connection:
-                    connection.ensure_connection(max_retries=0, timeout=2)
+                broker_check(get_celery_app(), 2)()
                 pending[settings.broker_name] = True
             except Exception as exc:
                 reasons[settings.broker_name] = str(exc) or repr(exc)

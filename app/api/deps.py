@@ -25,6 +25,11 @@ def get_db() -> Iterator[Session]:
         session.close()
 
 
+def client_address(request: Request) -> str:
+    """The client's IP as uvicorn resolved it (X-Forwarded-For only from trusted proxies)."""
+    return request.client.host if request.client else "unknown"
+
+
 def get_publisher(request: Request) -> Publisher:
     publisher: Publisher = request.app.state.publisher
     return publisher

@@ -19,6 +19,7 @@ from limits import RateLimitItem, parse
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
+from app.api.deps import client_address
 from app.auth.dependencies import PrincipalDep
 from app.core.config import Settings
 from app.core.errors import AppError
@@ -92,8 +93,7 @@ class RateLimiter:
 def rate_limit(name: str) -> Callable[..., None]:
     def check(request: Request, response: Response, principal: PrincipalDep) -> None:
         limiter: RateLimiter = request.app.state.rate_limiter
-        client = request.client.host if request.client else "unknown"
-        identity = f"key:{principal.owner}" if principal.owner else f"ip:{client}"
+        identity = f"key:{principal.owner}" if principal.owner else f"ip:{client_address(request)}"
         response.headers.update(limiter.hit(name, identity))
 
     return check

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.api.deps import SessionDep
+from app.api.deps import SessionDep, client_address
 from app.auth import service
 from app.auth.exceptions import MissingScope, NotAuthenticated
 from app.auth.service import ANONYMOUS, Principal, Scope
@@ -28,8 +28,7 @@ def get_principal(
         principal = service.authenticate(session=session, plain=credentials.credentials)
     if principal is None:
         # Every refused attempt counts against the client's address: guessing keys gets 429.
-        client = request.client.host if request.client else "unknown"
-        request.app.state.rate_limiter.hit("auth_failures", f"ip:{client}")
+        request.app.state.rate_limiter.hit("auth_failures", f"ip:{client_address(request)}")
         if credentials is None or not credentials.credentials:
             raise NotAuthenticated()
         raise NotAuthenticated("the API key is unknown or revoked")

@@ -44,7 +44,8 @@ def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str
     return record
 
 
-def _rowcount(result: Any) -> int:
+def rowcount(result: Any) -> int:
+    """Rows an UPDATE changed: how a fenced write tells whether it won."""
     return int(result.rowcount)
 
 
@@ -105,7 +106,7 @@ def renew_lease(*, session: Session, claim: Claim, lease_seconds: float) -> bool
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(result) == 1
+    return rowcount(result) == 1
 
 
 def succeed(*, session: Session, claim: Claim, result: Any) -> bool:
@@ -123,7 +124,7 @@ def succeed(*, session: Session, claim: Claim, result: Any) -> bool:
         )
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(outcome) == 1
+    return rowcount(outcome) == 1
 
 
 def fail(
@@ -159,7 +160,7 @@ def fail(
         .values(**values)
         .execution_options(synchronize_session=False)
     )
-    return target if _rowcount(outcome) == 1 else None
+    return target if rowcount(outcome) == 1 else None
 
 
 def give_up(*, session: Session, claim: Claim, reason: str) -> bool:
@@ -245,7 +246,7 @@ def forget_stale_publications(*, session: Session, older_than: float) -> int:
         .values(published_at=None)
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(result)
+    return rowcount(result)
 
 
 def due_unpublished(*, session: Session, limit: int, grace: float, lock: bool) -> list[Task]:

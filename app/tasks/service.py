@@ -217,7 +217,7 @@ def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> tuple[
             raise TaskFinished(f"a {current.value} task cannot be cancelled", status=current.value)
         check_transition(current, TaskStatus.CANCELLED)
         now = utcnow()
-        changed = _rowcount(
+        changed = lifecycle.rowcount(
             session.execute(
                 update(Task)
                 .where(
@@ -246,7 +246,7 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     check_transition(TaskStatus(task.status), TaskStatus.QUEUED)
     budget = get_task_type(task.type).retry.max_retries
     now = utcnow()
-    changed = _rowcount(
+    changed = lifecycle.rowcount(
         session.execute(
             update(Task)
             .where(
@@ -277,10 +277,6 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     if not changed:
         raise IllegalTransition(f"a {task.status} task cannot be retried", status=task.status)
     return task
-
-
-def _rowcount(result: object) -> int:
-    return int(getattr(result, "rowcount", 0))
 
 
 def doorbell(task: Task) -> Doorbell:
