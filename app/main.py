@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CollectorRegistry
 
+from app.api.deps import Database
 from app.api.health import router as health_router
 from app.api.limits import BodySizeLimit
 from app.api.metrics import HttpMetrics, StateCollector
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.celery_app = celery_app
+    app.state.database = Database(threads=settings.database_pool_size)
     app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
     app.state.rate_limiter = RateLimiter(settings)
     app.state.state_registry = CollectorRegistry(auto_describe=False)

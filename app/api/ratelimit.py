@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
 from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, Storage
 from limits.storage import storage_from_string
-from limits.strategies import FixedWindowRateLimiter
 
 from app.api.deps import client_address
 from app.auth.dependencies import PrincipalDep
@@ -44,43 +43,57 @@ def storage_url(settings: Settings) -> str:
     return "memory://"
 
 
+def _async_storage(url: str) -> Storage:
+    """The `limits` asyncio storage for a URL, so counting never blocks the event loop."""
+    if url == "memory://":
+        return MemoryStorage()
+    options: dict[str, float | str] = {}
+    if url.startswith("redis"):
+        # A slow Redis must not slow every request: give up on it quickly instead.
+        options = {
+            "implementation": "redispy",
+            "key_prefix": "taskdock",
+            "socket_connect_timeout": 0.25,
+            "socket_timeout": 0.25,
+        }
+    storage = storage_from_string(f"async+{url}", **options)
+    if not isinstance(storage, Storage):
+        raise ValueError(f"no asyncio rate-limit storage for {url!r}")
+    return storage
+
+
 class RateLimiter:
     def __init__(self, settings: Settings) -> None:
-        url = storage_url(settings)
-        options: dict[str, Any] = {}
-        if url.startswith("redis"):
-            # A slow Redis must not slow every request: give up on it quickly instead.
-            options = {"socket_connect_timeout": 0.25, "socket_timeout": 0.25}
-        self.storage = storage_from_string(url, key_prefix="taskdock", **options)
-        self.strategy = FixedWindowRateLimiter(self.storage)
+        self.storage = _async_storage(storage_url(settings))
         # While the shared storage is away, each process still limits on its own.
-        self.fallback = FixedWindowRateLimiter(storage_from_string("memory://"))
+        self.fallback: Storage = MemoryStorage()
         self._quiet_until = 0.0
+        self._windows = _WindowEnds()
         self.limits: dict[str, RateLimitItem] = {
             "submit": parse(settings.rate_limit_submit),
             "read": parse(settings.rate_limit_read),
             "auth_failures": parse(settings.rate_limit_auth_failures),
         }
 
-    def hit(self, name: str, identity: str) -> dict[str, str]:
+    async def hit(self, name: str, identity: str) -> dict[str, str]:
         """Count one request and return its RateLimit headers; RateLimited when over the limit."""
         item = self.limits[name]
-        strategy = self.fallback if time.monotonic() < self._quiet_until else self.strategy
+        storage = self.fallback if time.monotonic() < self._quiet_until else self.storage
         try:
-            allowed = strategy.hit(item, name, identity)
-            stats = strategy.get_window_stats(item, name, identity)
+            count, reset_time = await self._windows.count(storage, item, name, identity)
         except Exception as exc:
             # Stop asking for a while, so a dead Redis costs requests nothing.
             self._quiet_until = time.monotonic() + QUIET_SECONDS
             logger.warning(
                 "rate limit storage unavailable; limiting per process", extra={"reason": str(exc)}
             )
-            allowed = self.fallback.hit(item, name, identity)
-            stats = self.fallback.get_window_stats(item, name, identity)
-        reset = max(0, math.ceil(stats.reset_time - time.time()))
+            count, reset_time = await self._windows.count(self.fallback, item, name, identity)
+        allowed = count <= item.amount
+        remaining = max(0, item.amount - count)
+        reset = max(0, math.ceil(reset_time - time.time()))
         headers = {
             "RateLimit-Limit": str(item.amount),
-            "RateLimit-Remaining": str(stats.remaining),
+            "RateLimit-Remaining": str(remaining),
             "RateLimit-Reset": str(reset),
         }
         if not allowed:
@@ -90,10 +103,41 @@ class RateLimiter:
         return headers
 
 
-def rate_limit(name: str) -> Callable[..., None]:
-    def check(request: Request, response: Response, principal: PrincipalDep) -> None:
+class _WindowEnds:
+    """When each fixed window ends, learnt once per window instead of asked on every request.
+
+    A fixed window's end never moves once its first hit set the key's expiry, so one TTL read
+    per key and window is enough: most requests cost a single Redis round trip (the INCR).
+    """
+
+    def __init__(self) -> None:
+        self._ends: dict[str, float] = {}
+
+    async def count(
+        self, storage: Storage, item: RateLimitItem, name: str, identity: str
+    ) -> tuple[int, float]:
+        """The count after this hit and the window's end: what `limits`' FixedWindowRateLimiter
+        does on hit() (same key, same expiry), keeping the count it returns."""
+        key = item.key_for(name, identity)
+        count = await storage.incr(key, item.get_expiry())
+        now = time.time()
+        end = self._ends.get(key, 0.0)
+        if count == 1 or end <= now:
+            end = await storage.get_expiry(key)
+            if len(self._ends) > _MAX_WINDOWS:
+                self._ends = {k: v for k, v in self._ends.items() if v > now}
+            self._ends[key] = end
+        return count, end
+
+
+# Keys seen by one process within a window; past this, ended windows are forgotten.
+_MAX_WINDOWS = 10_000
+
+
+def rate_limit(name: str) -> Callable[..., Awaitable[None]]:
+    async def check(request: Request, response: Response, principal: PrincipalDep) -> None:
         limiter: RateLimiter = request.app.state.rate_limiter
         identity = f"key:{principal.owner}" if principal.owner else f"ip:{client_address(request)}"
-        response.headers.update(limiter.hit(name, identity))
+        response.headers.update(await limiter.hit(name, identity))
 
     return check

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.api.deps import SessionDep, client_address
+from app.api.deps import DatabaseDep, client_address
 from app.auth import service
 from app.auth.exceptions import MissingScope, NotAuthenticated
 from app.auth.service import ANONYMOUS, Principal, Scope
@@ -16,19 +16,19 @@ from app.auth.service import ANONYMOUS, Principal, Scope
 bearer = HTTPBearer(auto_error=False, description="An API key from `taskdock keys create`.")
 
 
-def get_principal(
+async def get_principal(
     request: Request,
-    session: SessionDep,
+    database: DatabaseDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     if not request.app.state.settings.auth_enabled:
         return ANONYMOUS
     principal = None
     if credentials is not None and credentials.credentials:
-        principal = service.authenticate(session=session, plain=credentials.credentials)
+        principal = await database.run(service.authenticate, plain=credentials.credentials)
     if principal is None:
         # Every refused attempt counts against the client's address: guessing keys gets 429.
-        request.app.state.rate_limiter.hit("auth_failures", f"ip:{client_address(request)}")
+        await request.app.state.rate_limiter.hit("auth_failures", f"ip:{client_address(request)}")
         if credentials is None or not credentials.credentials:
             raise NotAuthenticated()
         raise NotAuthenticated("the API key is unknown or revoked")
@@ -39,8 +39,9 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require(scope: Scope) -> Callable[[Principal], Principal]:
-    def check(principal: PrincipalDep) -> Principal:
+def require(scope: Scope) -> Callable[[Principal], Awaitable[Principal]]:
+    # Async although it never waits: FastAPI runs a plain `def` dependency in the thread pool.
+    async def check(principal: PrincipalDep) -> Principal:
         if not principal.allows(scope):
             raise MissingScope(f"this API key lacks the {scope.value!r} scope", scope=scope.value)
         return principal

@@ -54,3 +54,7 @@ def configure_logging(*, level: str, fmt: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    # Celery's own per-task lines ("Task received", "succeeded in") repeat what the runner logs
+    # with the task's type, attempt and request id: two JSON lines per task fewer to write.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(max(root.level, logging.WARNING))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -273,11 +273,13 @@ def due_unpublished(*, session: Session, limit: int, grace: float, lock: bool) -
 
 
 def mark_many_published(*, session: Session, published: list[tuple[uuid.UUID, int]]) -> None:
+    """One UPDATE for a whole batch: the dispatcher publishes hundreds per round trip."""
+    if not published:
+        return
     now = utcnow()
-    for task_id, attempt in published:
-        session.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.attempt == attempt, Task.published_at.is_(None))
-            .values(published_at=now, queued_at=func.coalesce(Task.queued_at, now))
-            .execution_options(synchronize_session=False)
-        )
+    session.execute(
+        update(Task)
+        .where(tuple_(Task.id, Task.attempt).in_(published), Task.published_at.is_(None))
+        .values(published_at=now, queued_at=func.coalesce(Task.queued_at, now))
+        .execution_options(synchronize_session=False)
+    )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,13 +74,19 @@ class Publisher:
         self._quiet_until = 0.0
         self._lock = threading.Lock()
 
-    def try_publish(self, bell: Doorbell) -> bool:
-        if time.monotonic() < self._quiet_until:
+    @property
+    def quiet(self) -> bool:
+        """True while a recent failure says the broker is away: do not even try."""
+        return time.monotonic() < self._quiet_until
+
+    async def publish(self, bell: Doorbell) -> bool:
+        """Send one message from the event loop; False if it was not sent within `timeout`."""
+        if self.quiet:
             return False
-        future = self._executor.submit(send, self.app, bell)
+        future = asyncio.wrap_future(self._executor.submit(send, self.app, bell))
         try:
-            future.result(timeout=self.timeout)
-        except FutureTimeout:
+            await asyncio.wait_for(future, timeout=self.timeout)
+        except TimeoutError:
             self._quiet(f"publish took over {self.timeout}s")
             return False
         except Exception as exc:  # kombu raises several families; every one means "not sent"

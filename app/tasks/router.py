@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Response, status
 
-from app.api.deps import API_V1, PublisherDep, SessionDep
+from app.api.deps import API_V1, DatabaseDep, PublisherDep
 from app.api.ratelimit import rate_limit
 from app.api.request_id import current_request_id
 from app.auth.dependencies import CanRead, CanSubmit, owner_filter
@@ -36,20 +36,27 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _publish_if_due(*, session: SessionDep, publisher: PublisherDep, task: Task) -> None:
-    """After the commit: ring the broker now if the task is due; the dispatcher covers misses."""
+async def _publish(
+    *, database: DatabaseDep, publisher: PublisherDep, task: Task, marked: bool
+) -> bool:
+    """After the commit: ring the broker now if the task is due; the dispatcher covers misses.
+
+    `marked` says the record already claims the publication (submit records it in its one
+    insert); otherwise a successful publish is recorded afterwards. True if the broker was told.
+    """
     if task.run_after > utcnow() or task.status != TaskStatus.QUEUED:
-        return
-    if not publisher.try_publish(service.doorbell(task)):
-        return
+        return False
+    sent = await publisher.publish(service.doorbell(task))
+    if sent == marked:
+        return sent
+    change = service.mark_published if sent else service.unmark_published
     try:
-        service.mark_published(session=session, task_id=task.id, attempt=task.attempt)
-        session.commit()
+        await database.write(change, task_id=task.id, attempt=task.attempt)
     except Exception:
-        # The task is recorded and on the broker; a missing mark costs one duplicate message
-        # from the dispatcher, never an error for a request that succeeded.
-        session.rollback()
-        logger.warning("could not mark a task published", exc_info=True)
+        # The request has succeeded and the task is recorded. A missing mark costs one duplicate
+        # message; a missing unmark leaves the task to the dispatcher's stale-publication sweep.
+        logger.warning("could not record a task's publication", exc_info=True)
+    return sent
 
 
 SubmitLimit = [Depends(rate_limit("submit"))]
@@ -71,30 +78,35 @@ ReadLimit = [Depends(rate_limit("read"))]
         503: described("The database is unavailable; nothing was recorded"),
     },
 )
-def submit_task(
+async def submit_task(
     data: TaskCreate,
-    session: SessionDep,
+    database: DatabaseDep,
     publisher: PublisherDep,
     principal: CanSubmit,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskRead:
-    task, created = service.submit(
-        session=session,
+    task, created = await database.write(
+        service.submit,
         data=data,
         owner=principal.owner,
         idempotency_key=idempotency_key,
         request_id=current_request_id(),
         max_unfinished=get_settings().max_unfinished_tasks if principal.owner else 0,
+        publishing=not publisher.quiet,
     )
-    session.commit()  # durable before anything else happens
-    read = TaskRead.model_validate(task)
+    # Committed: durable before anything else happens.
     response.headers["Location"] = f"/api/v1/tasks/{task.id}"
     if not created:
         response.status_code = status.HTTP_200_OK
-        return read
+        return TaskRead.model_validate(task)
     metrics.TASKS_SUBMITTED.labels(task.type).inc()
-    _publish_if_due(session=session, publisher=publisher, task=task)
+    sent = await _publish(
+        database=database, publisher=publisher, task=task, marked=task.published_at is not None
+    )
+    read = TaskRead.model_validate(task)
+    if not sent:
+        read.queued_at = None  # as the record now says: the dispatcher will publish it
     return read
 
 
@@ -105,16 +117,16 @@ def submit_task(
     summary="List tasks, newest first",
     responses={422: described("Invalid filter or cursor")},
 )
-def list_tasks(
-    session: SessionDep,
+async def list_tasks(
+    database: DatabaseDep,
     principal: CanRead,
     status_: Annotated[TaskStatus | None, Query(alias="status")] = None,
     type_: Annotated[str | None, Query(alias="type", max_length=200, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> TaskPage:
-    items, next_cursor = service.list_tasks(
-        session=session,
+    items, next_cursor = await database.run(
+        service.list_tasks,
         owner=owner_filter(principal),
         status=status_,
         type_=type_,
@@ -133,8 +145,8 @@ def list_tasks(
     summary="Read a task",
     responses={404: described("No such task")},
 )
-def get_task(task_id: uuid.UUID, session: SessionDep, principal: CanRead) -> TaskRead:
-    task = service.get(session=session, task_id=task_id, owner=owner_filter(principal))
+async def get_task(task_id: uuid.UUID, database: DatabaseDep, principal: CanRead) -> TaskRead:
+    task = await database.run(service.get, task_id=task_id, owner=owner_filter(principal))
     return TaskRead.model_validate(task)
 
 
@@ -148,13 +160,12 @@ def get_task(task_id: uuid.UUID, session: SessionDep, principal: CanRead) -> Tas
         409: described("The task has already finished"),
     },
 )
-def cancel_task(
-    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, principal: CanSubmit
+async def cancel_task(
+    task_id: uuid.UUID, database: DatabaseDep, publisher: PublisherDep, principal: CanSubmit
 ) -> TaskRead:
-    task, was_running = service.cancel(
-        session=session, task_id=task_id, owner=owner_filter(principal)
+    task, was_running = await database.write(
+        service.cancel, task_id=task_id, owner=owner_filter(principal)
     )
-    session.commit()
     metrics.TASKS_CANCELLED.labels(task.type).inc()
     if was_running:
         publisher.revoke(task.id, task.attempt)
@@ -172,14 +183,12 @@ def cancel_task(
         409: described("The task is not FAILED or CANCELLED"),
     },
 )
-def retry_task(
-    task_id: uuid.UUID, session: SessionDep, publisher: PublisherDep, principal: CanSubmit
+async def retry_task(
+    task_id: uuid.UUID, database: DatabaseDep, publisher: PublisherDep, principal: CanSubmit
 ) -> TaskRead:
-    task = service.retry(session=session, task_id=task_id, owner=owner_filter(principal))
-    session.commit()
-    read = TaskRead.model_validate(task)
-    _publish_if_due(session=session, publisher=publisher, task=task)
-    return read
+    task = await database.write(service.retry, task_id=task_id, owner=owner_filter(principal))
+    await _publish(database=database, publisher=publisher, task=task, marked=False)
+    return TaskRead.model_validate(task)
 
 
 @router.get(
@@ -188,7 +197,7 @@ def retry_task(
     response_model=list[TaskTypeRead],
     summary="Registered task types",
 )
-def list_task_types(principal: CanRead) -> list[TaskTypeRead]:
+async def list_task_types(principal: CanRead) -> list[TaskTypeRead]:
     return [
         TaskTypeRead(
             name=task.name,

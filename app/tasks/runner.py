@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -38,35 +41,79 @@ _OUTCOME_COUNTERS = {
 }
 
 
-class LeaseKeeper(threading.Thread):
-    """Extends the lease while the run lives; tells the run to stop once the lease is lost."""
+@dataclass
+class _Run:
+    claim: lifecycle.Claim
+    ctx: TaskContext
+    lease_seconds: float
+    renew_at: float
 
-    def __init__(self, *, claim: lifecycle.Claim, ctx: TaskContext, lease_seconds: float) -> None:
-        super().__init__(name=f"lease-{claim.task_id}", daemon=True)
-        self.claim = claim
-        self.ctx = ctx
-        self.lease_seconds = lease_seconds
-        self.interval = lease_seconds / 3
-        self._done = threading.Event()
 
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            try:
-                with session_scope() as session:
-                    held = lifecycle.renew_lease(
-                        session=session, claim=self.claim, lease_seconds=self.lease_seconds
-                    )
-            except Exception:
-                # The database is away; the lease may run out and the task be handed out again.
-                logger.warning("lease renewal failed", exc_info=True)
-                continue
-            if not held:
-                logger.info("lease lost: the task was cancelled or handed to another worker")
-                self.ctx.cancel()
-                return
+class LeaseRenewer:
+    """One thread per worker process extends the leases of every run in that process.
 
-    def stop(self) -> None:
-        self._done.set()
+    A run shorter than a third of the lease is never renewed and costs no thread: most tasks
+    finish long before their first renewal, and starting a thread per task was a measurable
+    share of the worker's bookkeeping. Forked pool children each start their own thread.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[uuid.UUID, int, int], _Run] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid: int | None = None
+
+    @contextlib.contextmanager
+    def hold(
+        self, *, claim: lifecycle.Claim, ctx: TaskContext, lease_seconds: float
+    ) -> Iterator[None]:
+        key = (claim.task_id, claim.attempt, claim.delivery)
+        run = _Run(claim, ctx, lease_seconds, renew_at=time.monotonic() + lease_seconds / 3)
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._loop, name="lease-renewer", daemon=True).start()
+            self._runs[key] = run
+        self._wake.set()
+        try:
+            yield
+        finally:
+            # Whatever ends the run (even SystemExit in a thread pool), its lease stops here.
+            with self._lock:
+                self._runs.pop(key, None)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            with self._lock:
+                due = [run for run in self._runs.values() if run.renew_at <= time.monotonic()]
+            for run in due:
+                run.renew_at = time.monotonic() + run.lease_seconds / 3
+                self._renew(run)
+            with self._lock:
+                next_at = min((run.renew_at for run in self._runs.values()), default=None)
+            wait = 60.0 if next_at is None else next_at - time.monotonic()
+            self._wake.wait(max(0.01, wait))
+
+    def _renew(self, run: _Run) -> None:
+        try:
+            with session_scope() as session:
+                held = lifecycle.renew_lease(
+                    session=session, claim=run.claim, lease_seconds=run.lease_seconds
+                )
+        except Exception:
+            # The database is away; the lease may run out and the task be handed out again.
+            logger.warning("lease renewal failed", exc_info=True)
+            return
+        if not held:
+            logger.info(
+                "lease lost: the task was cancelled or handed to another worker",
+                extra={"task_id": str(run.claim.task_id), "attempt": run.claim.attempt},
+            )
+            run.ctx.cancel()
+
+
+_renewer = LeaseRenewer()
 
 
 def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings) -> Outcome:
@@ -118,12 +165,11 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Outcome:
         return _record_failure(claim=claim, exc=exc, task_type=None)
 
     ctx = TaskContext(task_id=str(claim.task_id), attempt=claim.attempt, delivery=claim.delivery)
-    keeper = LeaseKeeper(claim=claim, ctx=ctx, lease_seconds=settings.task_lease_seconds)
-    keeper.start()
     logger.info("task started")
     try:
-        payload = task_type.validate_payload(claim.payload)
-        result = task_type.dump_result(task_type.func(payload, ctx))
+        with _renewer.hold(claim=claim, ctx=ctx, lease_seconds=settings.task_lease_seconds):
+            payload = task_type.validate_payload(claim.payload)
+            result = task_type.dump_result(task_type.func(payload, ctx))
     except ValidationError as exc:
         # Bad input never gets better by retrying.
         return _record_failure(claim=claim, exc=exc, task_type=None)
@@ -131,9 +177,6 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Outcome:
         if ctx.cancelled:
             return Outcome.LOST
         return _record_failure(claim=claim, exc=exc, task_type=task_type)
-    finally:
-        # Whatever ends the run (even SystemExit in a thread pool), the lease must stop.
-        keeper.stop()
     if ctx.cancelled:
         logger.info("result discarded: the run lost its lease")
         return Outcome.LOST

@@ -8,10 +8,11 @@ import hashlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
@@ -51,8 +52,15 @@ def submit(
     idempotency_key: str | None,
     request_id: str | None = None,
     max_unfinished: int = 0,
+    publishing: bool = False,
 ) -> tuple[Task, bool]:
-    """Record a new task (QUEUED, not yet published); returns (task, created)."""
+    """Record a new task (QUEUED); returns (task, created).
+
+    With `publishing`, a task due now is recorded as published in the same insert: the caller
+    publishes right after its commit, and calls `unmark_published` if that fails. One commit
+    per submit instead of two; if the process dies between commit and publish, the dispatcher's
+    stale-publication sweep publishes it later (TASKDOCK_REPUBLISH_AFTER_SECONDS).
+    """
     task_type = get_task_type(data.type)
     try:
         payload = task_type.validate_payload(data.payload).model_dump(mode="json")
@@ -86,39 +94,49 @@ def submit(
         run_after = now + timedelta(seconds=data.countdown)
     elif data.eta is not None:
         run_after = max(now, data.eta)
-    task = Task(
-        id=uuid.uuid4(),
-        type=task_type.name,
-        payload=payload,
-        status=TaskStatus.QUEUED.value,
-        queue=queue,
-        priority=data.priority,
-        attempt=1,
-        max_attempts=task_type.max_attempts,
-        deliveries=0,
-        run_after=run_after,
-        owner=owner,
-        idempotency_key=idempotency_key,
-        request_hash=digest,
-        request_id=request_id,
-        created_at=now,
-        updated_at=now,
-    )
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "type": task_type.name,
+        "payload": payload,
+        "status": TaskStatus.QUEUED.value,
+        "queue": queue,
+        "priority": data.priority,
+        "attempt": 1,
+        "max_attempts": task_type.max_attempts,
+        "deliveries": 0,
+        "run_after": run_after,
+        "owner": owner,
+        "idempotency_key": idempotency_key,
+        "request_hash": digest,
+        "request_id": request_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    if publishing and run_after <= now:
+        values["published_at"] = values["queued_at"] = now
+    # A Core INSERT, not session.add(): the ORM's flush cost more CPU than the statement.
+    statement = _insert(session).values(**values)
     if idempotency_key is None:
-        session.add(task)
-        session.flush()
-        return task, True
-    try:
-        with session.begin_nested():
-            session.add(task)
-            session.flush()
-    except IntegrityError:
-        # A concurrent request with the same key won the insert; answer with its task.
+        session.execute(statement)
+        return Task(**values), True
+    # The key's unique constraint settles concurrent repeats in the one statement.
+    inserted = session.execute(
+        statement.on_conflict_do_nothing(index_elements=["owner", "idempotency_key"]).returning(
+            Task.id
+        )
+    ).first()
+    if inserted is None:
         existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
         if existing is None:
-            raise
+            raise RuntimeError("idempotency key conflict, yet no task holds the key")
         return _same_request(existing, digest), False
-    return task, True
+    return Task(**values), True
+
+
+def _insert(session: Session) -> Any:
+    """INSERT with ON CONFLICT, in the dialect of the session's database."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Task)
 
 
 def _check_quota(*, session: Session, owner: str, limit: int) -> None:
@@ -294,3 +312,13 @@ def doorbell(task: Task) -> Doorbell:
 
 def mark_published(*, session: Session, task_id: uuid.UUID, attempt: int) -> None:
     lifecycle.mark_many_published(session=session, published=[(task_id, attempt)])
+
+
+def unmark_published(*, session: Session, task_id: uuid.UUID, attempt: int) -> None:
+    """The publish promised at insert did not happen: hand the task to the dispatcher."""
+    session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.attempt == attempt, Task.status == TaskStatus.QUEUED.value)
+        .values(published_at=None, queued_at=None)
+        .execution_options(synchronize_session=False)
+    )

@@ -185,6 +185,20 @@ def test_outbox_lists_due_unpublished_tasks_by_priority(database: str) -> None:
         assert lifecycle.due_unpublished(session=session, limit=10, grace=60, lock=False) == []
 
 
+def test_a_batch_is_marked_published_by_attempt(database: str) -> None:
+    first, second, stale = new_task(), new_task(), new_task()
+
+    with session_scope() as session:
+        lifecycle.mark_many_published(
+            session=session, published=[(first, 1), (second, 1), (stale, 2)]
+        )
+
+    assert load(first).published_at is not None
+    assert load(second).published_at is not None
+    assert load(first).queued_at is not None
+    assert load(stale).published_at is None  # a message for another attempt marks nothing
+
+
 def test_stale_publications_are_forgotten(database: str) -> None:
     task_id = new_task()
     with session_scope() as session:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
-from app.core.db import session_scope
+from app.core.db import get_engine, session_scope
 from app.tasks.models import Task
 
 OVERFLOWING_CURSOR = (
@@ -349,11 +349,25 @@ def test_docs_are_served(client: TestClient) -> None:
     assert "/api/v1/tasks/{task_id}/cancel" in schema["paths"]
 
 
-def test_broker_is_told_after_the_commit(client: TestClient) -> None:
-    task = client.post("/api/v1/tasks", json=PROCESS).json()
+def test_submit_is_one_commit_and_the_answer_says_the_broker_was_told(
+    client: TestClient,
+) -> None:
+    commits: list[object] = []
 
-    assert task["queued_at"] is None  # the answer describes the committed record
-    assert client.get(f"/api/v1/tasks/{task['id']}").json()["queued_at"] is not None
+    def count(connection: object) -> None:
+        commits.append(connection)
+
+    engine = get_engine()
+    event.listen(engine, "commit", count)
+    try:
+        task = client.post("/api/v1/tasks", json=PROCESS).json()
+    finally:
+        event.remove(engine, "commit", count)
+
+    # The insert records the publication it is about to make: no second write after it.
+    assert len(commits) == 1
+    assert task["queued_at"] is not None
+    assert client.get(f"/api/v1/tasks/{task['id']}").json()["queued_at"] == task["queued_at"]
 
 
 def test_request_id_is_generated_or_echoed(client: TestClient) -> None:

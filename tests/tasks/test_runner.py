@@ -96,7 +96,7 @@ def test_cancel_while_running_discards_the_result() -> None:
     with session_scope() as session:
         service.cancel(session=session, task_id=task_id, owner=None)
 
-    # The lease keeper notices within a third of the lease (3 s in tests) and stops the sleep.
+    # The lease renewer notices within a third of the lease (3 s in tests) and stops the sleep.
     runner.join(timeout=10)
 
     assert not runner.is_alive()
