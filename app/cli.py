@@ -78,8 +78,9 @@ def worker(
     ] = None,
 ) -> None:
     """Run a Celery worker; arguments after the options are passed to Celery."""
+    from celery.bin.celery import celery as celery_command
+
     from app.tasks.registry import known_queues
-    from app.worker import celery_app
 
     settings = get_settings()
     if queues is None:
@@ -91,7 +92,11 @@ def worker(
         f"--queues={queues}",
         *ctx.args,
     ]
-    celery_app.worker_main(argv=argv)
+    # `celery -A app.worker worker ...`, keeping its exit code: worker_main() drops it, and a
+    # worker dead of an unrecoverable error would exit 0, which Restart=on-failure ignores.
+    code = celery_command.main(args=["-A", "app.worker:celery_app", *argv], standalone_mode=False)
+    if code:
+        raise typer.Exit(int(code))
 
 
 @cli.command()

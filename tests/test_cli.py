@@ -174,3 +174,12 @@ def test_light_healthcheck_reads_the_heartbeat(tmp_path: Path) -> None:
     os.utime(heartbeat, (time.time() - 60, time.time() - 60))
 
     assert (missing, fresh, check()) == (1, 0, 1)
+
+
+def test_a_worker_that_dies_of_an_unrecoverable_error_exits_non_zero(tmp_path: Path) -> None:
+    env = base_env(tmp_path / "data")
+    # Celery cannot take its pidfile: "Unrecoverable error", and a supervisor must see it.
+    result = taskdock("worker", "--pidfile", str(tmp_path / "missing" / "w.pid"), env=env)
+
+    assert "Unrecoverable error" in result.stdout + result.stderr
+    assert result.returncode != 0

@@ -101,18 +101,5 @@ class Publisher:
             "broker publish failed; the dispatcher will publish", extra={"reason": reason}
         )
 
-    def revoke(self, task_id: uuid.UUID, attempt: int) -> None:
-        """Best effort: stop a running execution now; the record already says CANCELLED."""
-
-        def _revoke() -> None:
-            try:
-                self.app.control.revoke(
-                    message_id(task_id, attempt), terminate=True, signal="SIGTERM"
-                )
-            except Exception as exc:
-                logger.warning("revoke failed", extra={"task_id": str(task_id), "reason": str(exc)})
-
-        self._executor.submit(_revoke)
-
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

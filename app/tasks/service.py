@@ -233,8 +233,8 @@ def list_tasks(
     return rows[:limit], next_cursor
 
 
-def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> tuple[Task, bool]:
-    """Record CANCELLED; returns (task, was_running) so the caller can revoke after commit."""
+def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
+    """Record CANCELLED; a running attempt learns it from its lease and stops."""
     task = get(session=session, task_id=task_id, owner=owner)
     # Twice at most: a worker may move the task to its next attempt between read and write.
     for _ in range(2):
@@ -262,7 +262,7 @@ def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> tuple[
         )
         session.refresh(task)
         if changed:
-            return task, current is TaskStatus.RUNNING
+            return task
     raise TaskFinished(f"a {task.status} task cannot be cancelled", status=task.status)
 
 
