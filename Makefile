@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format fuzz e2e hadolint k8s-check bench monitoring-check image base-image lock clean
+.PHONY: run test chaos lint format fuzz e2e hadolint k8s-check bench monitoring-check image base-image lock clean
 
 $(STAMP): requirements-dev.lock requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ run: $(STAMP)
 
 ## The test suite with the coverage gate (PostgreSQL, Redis and RabbitMQ on localhost).
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not docker and not fuzz" --cov --cov-report=term --cov-fail-under=80
+	$(BIN)/python -m pytest -m "not docker and not fuzz and not chaos" --cov --cov-report=term --cov-fail-under=80
+
+## Soak and chaos: steady load while faults are injected; lost and unexpected must be 0 (CHAOS_SECONDS, default 600).
+chaos: $(STAMP)
+	$(BIN)/python -m pytest tests/chaos -m chaos -v -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -62,9 +66,10 @@ monitoring-check:
 e2e: $(STAMP)
 	$(BIN)/python -m pytest tests/e2e -m docker -v
 
-## Benchmarks against their baselines (needs wrk and redis-server; not part of the tests).
+## Benchmarks against their baselines, about 25 min (ARGS=--quick: about 5; see bench/README.md).
 bench: $(STAMP)
-	$(BIN)/python bench/bench_api.py
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python -m bench.run $(ARGS)
 
 ## Re-pin the dependencies after editing pyproject.toml.
 lock: $(STAMP)

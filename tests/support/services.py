@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -122,6 +125,115 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
         self.process = None
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster on a free port, which a fault test may crash and restart.
+
+    PostgreSQL refuses to run as root, so as root every command runs as the `postgres`
+    user, in a directory of its own under /tmp (pytest's tmp_path is closed to other users).
+    """
+
+    def __init__(self, version_root: Path = Path("/usr/lib/postgresql")) -> None:
+        self.port = free_port()
+        self.bindir = _postgres_bindir(version_root)
+        self.workdir: Path | None = None
+
+    @property
+    def data(self) -> Path:
+        assert self.workdir is not None, "start() first"
+        return self.workdir / "data"
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of one database of this cluster."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def dsn(self, database: str = "postgres") -> str:
+        """The libpq URL (plain psycopg) of one database of this cluster."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        """Create the cluster on first use, then start it and wait until it accepts connections."""
+        require("PostgreSQL binaries", self.bindir is not None, "initdb and pg_ctl")
+        if self.workdir is None:
+            self._init()
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data),
+                  "-l", str(self.log), "-o", options)  # fmt: skip
+
+    def crash(self) -> None:
+        """Immediate shutdown: no checkpoint, clients cut off, recovery at the next start."""
+        self._run("pg_ctl", "stop", "-w", "-m", "immediate", "-D", str(self.data))
+
+    def stop(self) -> None:
+        """Stop the cluster if it runs, and remove its files."""
+        if self.workdir is None:
+            return
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self._run("pg_ctl", "stop", "-w", "-t", "30", "-m", "fast", "-D", str(self.data))
+            except subprocess.CalledProcessError:
+                self._kill_postmaster()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir = None
+
+    def create_database(self, name: str) -> str:
+        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as connection:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            engine.dispose()
+        return self.url(name)
+
+    @property
+    def log(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "postgres.log"
+
+    def _init(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="taskdock-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, user="postgres", group="postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                  "--encoding=UTF8", "--no-sync")  # fmt: skip
+
+    def _run(self, tool: str, *args: str) -> None:
+        assert self.bindir is not None
+        argv = [str(self.bindir / tool), *args]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        subprocess.run(argv, check=True, capture_output=True, timeout=90)
+
+    def _kill_postmaster(self) -> None:
+        # pg_ctl failed: end the postmaster we started by its recorded PID, nothing broader.
+        pid_file = self.data / "postmaster.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+
+
+def _postgres_bindir(root: Path) -> Path | None:
+    """The newest installed version's bin directory, or pg_ctl's on PATH."""
+    versions = sorted(
+        (path for path in root.glob("*/bin") if (path / "pg_ctl").exists()),
+        key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0,
+    )
+    if versions:
+        return versions[-1]
+    pg_ctl = shutil.which("pg_ctl")
+    return Path(pg_ctl).parent if pg_ctl else None
+
+
+@contextmanager
+def private_postgres() -> Iterator[PostgresServer]:
+    """A started private cluster, stopped and removed afterwards."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
 
 
 def wait_for(condition: object, *, timeout: float, what: str, interval: float = 0.1) -> None:

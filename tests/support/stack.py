@@ -167,8 +167,11 @@ class Stack:
     def dispatcher(self, name: str = "dispatcher") -> Proc:
         return self.taskdock(name, "dispatcher")
 
-    def api(self, name: str = "api", *, workers: int = 1) -> tuple[Proc, str]:
-        port = free_port()
+    def api(
+        self, name: str = "api", *, workers: int = 1, port: int | None = None
+    ) -> tuple[Proc, str]:
+        """Start an API server; `port` brings one back where its clients expect it."""
+        port = port or free_port()
         proc = self.taskdock(name, "api", "--port", str(port), "--workers", str(workers))
         base = f"http://127.0.0.1:{port}"
 

@@ -1,0 +1,355 @@
+"""Metrics 2, 3 and 5: end-to-end throughput, dispatch latency, CPU per 1,000 tasks.
+
+2. End-to-end throughput: bench.noop tasks submitted over HTTP by wrk (Options.connections)
+   for Options.seconds while the API, the dispatcher and a worker run; the rate is the
+   SUCCEEDED count ÷ (last finished_at - first created_at). Baseline: the raw Celery drain
+   rate, Options.drain_count `.delay()`s queued while the raw worker is not consuming, then
+   (N - 1) ÷ (last start - first start), with the worker's consumer switched on and off by
+   Celery's remote control (add_consumer / cancel_consumer). On Redis and on RabbitMQ.
+3. Dispatch latency (Redis): scheduled submission → task start, open loop at half the raw
+   drain rate measured in metric 2, p50 and p99 ÷ the same for `.delay()` → start.
+5. CPU per 1,000 tasks (Redis, from metric 2's rounds): utime+stime from /proc of the API,
+   the dispatcher, the worker with its pool children, redis-server and the PostgreSQL backends
+   of the scratch database ÷ the raw worker's tree + redis-server + the producing process.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from bench import raw_celery
+from bench.common import (
+    ROOT,
+    Bench,
+    CpuMeter,
+    Options,
+    Proc,
+    bench_world,
+    rabbit_available,
+    rabbit_vhost,
+    redis_client,
+    rounds,
+    submit_script,
+    ui,
+    wait_for,
+    wrk,
+)
+from bench.tasks import LATENCY_KEY
+
+UNFINISHED = "SELECT count(*) FROM task WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')"
+DRAIN_TIMEOUT = 900.0
+
+
+def estimate(options: Options) -> float:
+    """Seconds, from runs on a shared 2-core machine (raw enqueue ~400/s, drain ~300/s)."""
+    pair = options.seconds + 3 + options.drain_count / 400 + options.drain_count / 300 + 3
+    per_broker = 25 + options.rounds * pair
+    latency = options.rounds * 2 * (options.latency_seconds + options.max_lag + 5)
+    return per_broker * (2 if options.rabbitmq else 1) + latency
+
+
+def percentile(values: list[float], percent: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(percent / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+class RawConsumer:
+    """Switches the raw worker's consumer on and off, so a whole queue can be drained at once."""
+
+    def __init__(self, broker: str) -> None:
+        self.app = Celery("bench-control", broker=broker)
+        self.destination = ["raw@bench"]
+
+    def _call(self, method: str) -> None:
+        control = self.app.control
+        replies = getattr(control, method)(
+            raw_celery.QUEUE, destination=self.destination, reply=True, timeout=10
+        )
+        if not replies:
+            raise RuntimeError(f"the raw worker did not answer {method}")
+
+    def pause(self) -> None:
+        self._call("cancel_consumer")
+
+    def resume(self) -> None:
+        self._call("add_consumer")
+
+    def close(self) -> None:
+        self.app.close()
+
+
+@dataclass
+class Stack:
+    bench: Bench
+    broker: str
+    api: str
+    taskdock_groups: dict[str, Callable[[], Iterable[int]]]
+    raw_groups: dict[str, Callable[[], Iterable[int]]]
+    raw: RawConsumer
+    counters: Any
+
+    def raw_env(self) -> dict[str, str]:
+        return self.bench.env(BENCH_BROKER_URL=self.broker)
+
+
+def start_stack(bench: Bench, broker: str, options: Options, *, local_broker: bool) -> Stack:
+    env = bench.env(broker)
+    api_proc, api = bench.api(env)
+    dispatcher = bench.dispatcher(env)
+    worker = bench.worker(env, options.concurrency)
+    raw_worker = bench.raw_worker(broker, options.concurrency)
+    raw = RawConsumer(broker)
+    raw.pause()
+    taskdock_groups: dict[str, Callable[[], Iterable[int]]] = {
+        "api": api_proc.tree,
+        "dispatcher": dispatcher.tree,
+        "worker": worker.tree,
+        "database": bench.backend_pids,
+    }
+    raw_groups: dict[str, Callable[[], Iterable[int]]] = {"worker": raw_worker.tree}
+    if local_broker:
+        redis: Proc = bench.redis_proc
+        taskdock_groups["broker"] = redis.tree
+        raw_groups["broker"] = redis.tree
+    return Stack(
+        bench, broker, api, taskdock_groups, raw_groups, raw, redis_client(f"{bench.redis_url}/1")
+    )
+
+
+def drained(bench: Bench) -> None:
+    wait_for(lambda: bench.scalar(UNFINISHED) == 0, timeout=DRAIN_TIMEOUT, what="tasks", every=0.1)
+
+
+def taskdock_throughput(stack: Stack, options: Options) -> dict[str, Any]:
+    bench = stack.bench
+    script = submit_script(bench.work / "noop.lua", {"type": "bench.noop", "payload": {}})
+    before = bench.scalar("SELECT max(created_at) FROM task")
+    meter = CpuMeter(stack.taskdock_groups).start()
+    wrk(
+        f"{stack.api}/api/v1/tasks",
+        seconds=options.seconds,
+        connections=options.connections,
+        script=script,
+    )
+    drained(bench)
+    cpu = meter.stop()
+    done, failed, first, last = bench.row(
+        "SELECT count(*) FILTER (WHERE status = 'SUCCEEDED'),"
+        " count(*) FILTER (WHERE status <> 'SUCCEEDED'), min(created_at), max(finished_at)"
+        " FROM task WHERE type = 'bench.noop' AND (CAST(:before AS timestamptz) IS NULL"
+        " OR created_at > :before)",
+        before=before,
+    )
+    seconds = (last - first).total_seconds()
+    return cpu_sample(done / seconds, done, cpu, failed=failed, seconds=seconds)
+
+
+def raw_throughput(stack: Stack, options: Options) -> dict[str, Any]:
+    count = options.drain_count
+    stack.counters.delete(raw_celery.COUNT_KEY, raw_celery.FIRST_KEY, raw_celery.DONE_KEY)
+    meter = CpuMeter(stack.raw_groups).start()
+    produced = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "bench.raw_celery", "produce", str(count)],
+            env=stack.raw_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()[-1]
+    )
+    stack.raw.resume()
+    item = wait_done(stack.counters, count)
+    stack.raw.pause()
+    cpu = meter.stop()
+    cpu["producer"] = round(float(produced["cpu"]), 3)
+    first = float(stack.counters.get(raw_celery.FIRST_KEY))
+    seconds = float(item[1]) - first
+    return cpu_sample(
+        (count - 1) / seconds, count, cpu, seconds=seconds, enqueue_rate=count / produced["seconds"]
+    )
+
+
+def wait_done(counters: Any, count: int) -> Any:
+    """The last task's (key, start time); fails if the count stops moving for 30 s."""
+    last, still_since = -1, time.monotonic()
+    while True:
+        item = counters.blpop(raw_celery.DONE_KEY, timeout=1)
+        if item is not None:
+            return item
+        seen = int(counters.get(raw_celery.COUNT_KEY) or 0)
+        if seen != last:
+            last, still_since = seen, time.monotonic()
+        elif time.monotonic() - still_since > 30:
+            raise RuntimeError(f"the raw worker stopped at {seen} of {count} tasks")
+
+
+def cpu_sample(rate: float, tasks: int, cpu: dict[str, float], **extra: Any) -> dict[str, Any]:
+    per_1000 = {name: round(value / tasks * 1000, 4) for name, value in cpu.items()}
+    return {
+        "value": rate,
+        "tasks": tasks,
+        "cpu_seconds": cpu,
+        "cpu_per_1000": per_1000,
+        "cpu_per_1000_total": round(sum(per_1000.values()), 4),
+        **extra,
+    }
+
+
+def latencies(stack: Stack, expected: int) -> list[float]:
+    wait_for(
+        lambda: stack.counters.llen(LATENCY_KEY) >= expected,
+        timeout=DRAIN_TIMEOUT,
+        what=f"{expected} tasks to start",
+        every=0.1,
+    )
+    return [float(value) for value in stack.counters.lrange(LATENCY_KEY, 0, -1)]
+
+
+def latency_sample(values: list[float], sent: dict[str, float], rate: float) -> dict[str, Any]:
+    return {
+        "p50": percentile(values, 50) * 1000,
+        "p99": percentile(values, 99) * 1000,
+        "mean_ms": statistics.fmean(values) * 1000,
+        "offered_rate": rate,
+        "sent": int(sent["sent"]),
+        "achieved_rate": sent["sent"] / sent["seconds"],
+        "fell_behind": bool(sent["lagged"]),
+    }
+
+
+def taskdock_latency(stack: Stack, options: Options, rate: float) -> dict[str, Any]:
+    stack.counters.delete(LATENCY_KEY)
+    args = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        stack.api,
+        str(rate),
+        str(options.latency_seconds),
+        str(options.max_lag),
+    ]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True)
+    sent = json.loads(out.stdout.splitlines()[-1])
+    values = latencies(stack, int(sent["accepted"]))
+    drained(stack.bench)
+    return latency_sample(values, sent, rate)
+
+
+def raw_latency(stack: Stack, options: Options, rate: float) -> dict[str, Any]:
+    stack.counters.delete(LATENCY_KEY)
+    stack.raw.resume()
+    try:
+        args = [
+            sys.executable,
+            "-m",
+            "bench.raw_celery",
+            "pace",
+            str(rate),
+            str(options.latency_seconds),
+            str(options.max_lag),
+        ]
+        out = subprocess.run(
+            args, env=stack.raw_env(), cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        sent = json.loads(out.stdout.splitlines()[-1])
+        values = latencies(stack, int(sent["sent"]))
+    finally:
+        stack.raw.pause()
+    return latency_sample(values, sent, rate)
+
+
+def cpu_summary(throughput: dict[str, Any]) -> dict[str, Any]:
+    """Metric 5 from metric 2's rounds: medians per component and of the totals."""
+    runs = throughput["rounds"]
+    out: dict[str, Any] = {}
+    for side in ("taskdock", "baseline"):
+        components = sorted({name for run in runs for name in run[side]["cpu_per_1000"]})
+        out[side] = {
+            name: round(
+                statistics.median(run[side]["cpu_per_1000"].get(name, 0.0) for run in runs), 4
+            )
+            for name in components
+        }
+        out[f"{side}_total"] = round(
+            statistics.median(run[side]["cpu_per_1000_total"] for run in runs), 4
+        )
+    out["ratio"] = round(out["taskdock_total"] / out["baseline_total"], 3)
+    out["unit"] = "CPU seconds per 1,000 tasks"
+    return out
+
+
+def broker_suite(
+    bench: Bench, broker: str, options: Options, *, name: str, local: bool
+) -> dict[str, Any]:
+    stack = start_stack(bench, broker, options, local_broker=local)
+    try:
+        ui.log(f"[bold]metric 2: end-to-end throughput ({name})[/bold]")
+        throughput = rounds(
+            f"e2e throughput ({name})",
+            lambda: taskdock_throughput(stack, options),
+            lambda: raw_throughput(stack, options),
+            options.rounds,
+        )
+        result: dict[str, Any] = {
+            "throughput": throughput,
+            "mirrored_settings": raw_celery.mirrored_settings(broker),
+        }
+        if local:
+            result["cpu"] = cpu_summary(throughput)
+            ui.log(
+                f"  metric 5: {result['cpu']['taskdock_total']:.3g} vs "
+                f"{result['cpu']['baseline_total']:.3g} CPU s per 1,000 tasks"
+            )
+            rate = throughput["baseline_median"] / 2
+            ui.log(f"[bold]metric 3: dispatch latency at {rate:,.0f}/s ({name})[/bold]")
+            result["latency"] = rounds(
+                f"dispatch latency ({name})",
+                lambda: taskdock_latency(stack, options, rate),
+                lambda: raw_latency(stack, options, rate),
+                options.rounds,
+                keys=("p50", "p99"),
+                unit=" ms",
+            )
+            result["latency"]["offered_rate"] = rate
+            result["latency"]["taskdock_fell_behind"] = any(
+                run["taskdock"]["fell_behind"] for run in result["latency"]["rounds"]
+            )
+        return result
+    finally:
+        stack.raw.close()
+        bench.stop_all()
+
+
+def run(options: Options) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with bench_world("e2e") as bench:
+        out["redis"] = broker_suite(
+            bench, f"{bench.redis_url}/0", options, name="redis", local=True
+        )
+    if not options.rabbitmq:
+        out["rabbitmq"] = {"skipped": "--no-rabbitmq"}
+    elif not rabbit_available():
+        out["rabbitmq"] = {"skipped": "no RabbitMQ on 127.0.0.1:5672 (or no rabbitmqctl)"}
+        ui.log("  RabbitMQ not available: skipped")
+    else:
+        with bench_world("e2e-rabbitmq") as bench, rabbit_vhost() as broker:
+            out["rabbitmq"] = broker_suite(bench, broker, options, name="rabbitmq", local=False)
+    return out
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    print(json.dumps(run(Options.quick_run()), indent=2, default=str))
+    print(f"{time.monotonic() - started:.0f}s", file=sys.stderr)

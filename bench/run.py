@@ -1,0 +1,263 @@
+"""Every benchmark, each against its baseline: `make bench` (`make bench ARGS=--quick`).
+
+    python -m bench.run [--quick] [--only api|e2e|pg|footprint ...] [--rounds N] [--seconds S]
+
+Writes bench/results/<date>-<name>.json (every round, machine info), a Markdown summary and
+PNG charts beside it. See bench/README.md for what each metric is and how it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from types import ModuleType
+from typing import Any
+
+from bench import bench_api, bench_e2e, bench_footprint, bench_pg, charts
+from bench.common import RESULTS, Options, console, fmt, machine_info, now_stamp, ui, write_json
+
+MODULES: dict[str, ModuleType] = {
+    "api": bench_api,
+    "e2e": bench_e2e,
+    "pg": bench_pg,
+    "footprint": bench_footprint,
+}
+TOOLS = {"wrk": "wrk", "redis-server": "redis-server", "pgbench": "postgresql-client"}
+
+
+def parse(argv: list[str]) -> tuple[Options, list[str], str]:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds, short runs, small N")
+    parser.add_argument("--only", action="append", choices=sorted(MODULES), default=None)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--seconds", type=float, help="length of one wrk round")
+    parser.add_argument("--connections", type=int, help="wrk connections (and pgbench clients)")
+    parser.add_argument("--footprint-tasks", type=int)
+    parser.add_argument("--no-rabbitmq", action="store_true")
+    parser.add_argument("--name", help="results file name (default: the modules run)")
+    args = parser.parse_args(argv)
+    options = Options.quick_run() if args.quick else Options()
+    overrides: dict[str, Any] = {
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "connections": args.connections,
+        "footprint_tasks": args.footprint_tasks,
+    }
+    options = replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    if args.no_rabbitmq:
+        options = replace(options, rabbitmq=False)
+    only = args.only or list(MODULES)
+    name = args.name or ("all" if args.only is None else "-".join(only))
+    if args.quick and not args.name:
+        name += "-quick"
+    return options, only, name
+
+
+def main(argv: list[str]) -> int:
+    options, only, name = parse(argv)
+    missing = [
+        f"{tool} (Debian package {package})"
+        for tool, package in TOOLS.items()
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        print("missing: " + ", ".join(missing), file=sys.stderr)
+        return 2
+    estimates = {module: MODULES[module].estimate(options) for module in only}
+    expected = sum(estimates.values())
+    console.print(
+        f"[bold]taskdock benchmarks[/bold]: {', '.join(only)}; expected about "
+        f"{expected / 60:.0f} min ({', '.join(f'{m} ~{s / 60:.1f}' for m, s in estimates.items())})"
+        + (" [quick]" if options.quick else "")
+    )
+    report: dict[str, Any] = {
+        "date": now_stamp().isoformat(timespec="seconds"),
+        "name": name,
+        "machine": machine_info(),
+        "options": asdict(options),
+        "expected_seconds": round(expected),
+    }
+    started = time.monotonic()
+    with ui.progress:
+        overall = ui.task("[bold]all benchmarks[/bold]", len(only))
+        for module in only:
+            module_started = time.monotonic()
+            report[module] = MODULES[module].run(options)
+            report.setdefault("durations", {})[module] = round(time.monotonic() - module_started)
+            ui.advance(overall)
+    report["duration_seconds"] = round(time.monotonic() - started)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base = RESULTS / f"{report['date'][:10]}-{name}"
+    write_json(base.with_suffix(".json"), report)
+    images = charts.draw(report, base)
+    markdown = summary(report, [image.name for image in images])
+    base.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    console.print(f"written: {base}.json, {base}.md, {len(images)} charts")
+    return 0
+
+
+def _ratio_row(label: str, result: dict[str, Any], target: str, unit: str, key: str = "") -> str:
+    suffix = f"_{key}" if key else ""
+    return (
+        f"| {label} | {fmt(result[f'taskdock_median{suffix}'])} {unit} | "
+        f"{fmt(result[f'baseline_median{suffix}'])} {unit} | {fmt(result[f'ratio{suffix}'])} | "
+        f"{target} |"
+    )
+
+
+def summary(report: dict[str, Any], images: list[str]) -> str:
+    machine = report["machine"]
+    lines = [
+        f"# Benchmarks, {report['date']} ({report['name']})",
+        "",
+        f"{machine['cpu_model']}, {machine['cores']} cores, Linux {machine['kernel']}, "
+        f"Python {machine['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+        + f"; commit {machine['git_commit'][:10]}"
+        + (" (app/ modified)" if machine["app_modified_since_commit"] else "")
+        + f". {report['options']['rounds']} rounds per metric"
+        + (" (--quick)" if report["options"]["quick"] else "")
+        + f"; took {report['duration_seconds'] / 60:.1f} min.",
+        "",
+        "| metric | taskdock (median) | baseline (median) | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rows: list[tuple[str, Callable[[dict[str, Any]], list[str]]]] = [
+        ("api", _api_rows),
+        ("e2e", _e2e_rows),
+        ("pg", _pg_rows),
+    ]
+    for module, make in rows:
+        if module in report:
+            lines += make(report[module])
+    if "footprint" in report:
+        lines += ["", *_footprint_lines(report["footprint"])]
+    notes = _notes(report)
+    if notes:
+        lines += ["", "Notes:", *[f"- {note}" for note in notes]]
+    if images:
+        lines += ["", *[f"![{image}]({image})" for image in images]]
+    lines += ["", "Baselines and method: bench/README.md. Command: `make bench`.", ""]
+    return "\n".join(lines)
+
+
+def _api_rows(api: dict[str, Any]) -> list[str]:
+    return [
+        _ratio_row(
+            "1. submit efficiency (vs raw send_task)", api["submit_efficiency"], ">= 0.8", "/s"
+        ),
+        _ratio_row(
+            "4. poll efficiency (vs hello-world GET)", api["poll_efficiency"], ">= 0.5", "/s"
+        ),
+    ]
+
+
+def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
+    rows = []
+    for broker in ("redis", "rabbitmq"):
+        suite = e2e.get(broker, {})
+        if "throughput" in suite:
+            rows.append(
+                _ratio_row(
+                    f"2. end-to-end throughput, {broker} (vs raw drain)",
+                    suite["throughput"],
+                    "",
+                    "/s",
+                )
+            )
+    latency = e2e.get("redis", {}).get("latency")
+    if latency:
+        at = f"at {latency['offered_rate']:,.0f}/s"
+        for key in ("p50", "p99"):
+            rows.append(
+                _ratio_row(f"3. dispatch latency {key} {at} (vs .delay())", latency, "", "ms", key)
+            )
+    cpu = e2e.get("redis", {}).get("cpu")
+    if cpu:
+        rows.append(
+            f"| 5. CPU per 1,000 tasks, redis (vs raw Celery) | {fmt(cpu['taskdock_total'])} s | "
+            f"{fmt(cpu['baseline_total'])} s | {fmt(cpu['ratio'])} | |"
+        )
+    return rows
+
+
+def _pg_rows(pg: dict[str, Any]) -> list[str]:
+    return [
+        _ratio_row(
+            f"6. submit rate / pgbench insert ceiling ({pg['clients']} clients)", pg, "", "/s"
+        )
+    ]
+
+
+def _footprint_lines(footprint: dict[str, Any]) -> list[str]:
+    api, worker, load = footprint["api"], footprint["worker"], footprint["load"]
+    return [
+        "| 7. footprint | API | worker (main + pool) |",
+        "| --- | --- | --- |",
+        f"| seconds from start to ready | {api['ready_seconds_median']} | "
+        f"{worker['ready_seconds_median']} |",
+        f"| idle RSS / PSS, MB | {api['idle_rss_mb']} / {api['idle_pss_mb']} | "
+        f"{worker['idle_rss_mb']} / {worker['idle_pss_mb']} ({worker['processes']} processes) |",
+        f"| RSS after {load['tasks_done']:,} tasks (max), MB | {load['api_rss_mb']['after']} "
+        f"({load['api_rss_mb']['max']}) | {load['worker_rss_mb']['after']} "
+        f"({load['worker_rss_mb']['max']}) |",
+        f"| RSS growth over the second half, MB per 1,000 tasks | "
+        f"{fmt(load['api_rss_mb_per_1000_tasks_second_half'])} | "
+        f"{fmt(load['worker_rss_mb_per_1000_tasks_second_half'])} |",
+    ]
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    redis = report.get("e2e", {}).get("redis", {})
+    latency = redis.get("latency")
+    if latency and latency.get("taskdock_fell_behind"):
+        notes.append(
+            "dispatch latency: taskdock could not take the offered rate (half the raw drain "
+            "rate); its load generator fell behind and stopped early, so its latencies are "
+            "queueing under overload."
+        )
+    elif latency and latency["offered_rate"] > redis["throughput"]["taskdock_median"]:
+        notes.append(
+            f"dispatch latency: the offered rate ({latency['offered_rate']:,.0f}/s, half the "
+            f"raw drain rate) is above taskdock's end-to-end throughput "
+            f"({redis['throughput']['taskdock_median']:,.0f}/s), so its latencies include "
+            "queueing behind a growing backlog."
+        )
+    rabbit = report.get("e2e", {}).get("rabbitmq", {})
+    if "skipped" in rabbit:
+        notes.append(f"RabbitMQ skipped: {rabbit['skipped']}.")
+    load = report.get("footprint", {}).get("load")
+    if load and load["capped_by_time"]:
+        notes.append(
+            f"footprint: the time cap stopped the load at {load['tasks_done']:,} of "
+            f"{load['tasks_target']:,} tasks."
+        )
+    repeated = sum(run["repeats"] for section in _all_round_sets(report) for run in section)
+    if repeated:
+        notes.append(f"{repeated} round(s) repeated for CPU steal above 20%.")
+    return notes
+
+
+def _all_round_sets(report: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    found: list[list[dict[str, Any]]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("rounds"), list):
+                found.append(node["rounds"])
+            for value in node.values():
+                walk(value)
+
+    walk(report)
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
