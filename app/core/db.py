@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
@@ -22,6 +23,17 @@ _role = "api"
 READ_ONLY = "taskdock_read_only"
 # A request must not wait long behind a lock (a migration, a stuck transaction): it answers 503.
 _API_LIMITS = {"options": "-c lock_timeout=2000 -c statement_timeout=10000"}
+# The worker's and the dispatcher's writes (claim, lease, outcome, outbox marks) do not wait for
+# their WAL flush. A database crash can forget the last fraction of a second of them, and each
+# such loss is one the leases already recover from: a forgotten claim or outcome leaves the task
+# QUEUED or RUNNING, and the reaper or the stale-publication sweep runs it again (at least
+# once). The API's INSERT keeps synchronous commit: a 202 promises a durable record.
+_BACKGROUND_COMMITS = {"options": "-c synchronous_commit=off"}
+_ROLE_OPTIONS = {
+    "api": _API_LIMITS,
+    "worker": _BACKGROUND_COMMITS,
+    "dispatcher": _BACKGROUND_COMMITS,
+}
 
 
 def set_process_role(role: str) -> None:
@@ -48,11 +60,12 @@ def _create(settings: Settings, *, role: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
-        pool_pre_ping=True,
+        # Pinged only after a pause: see _ping_after_idle.
+        pool_pre_ping=False,
         # Waiting long for a pooled connection would break the API's 2-second promise.
         pool_timeout=2,
         connect_args={
@@ -64,9 +77,37 @@ def _create(settings: Settings, *, role: str) -> Engine:
             "keepalives_idle": 10,
             "keepalives_interval": 2,
             "keepalives_count": 2,
-            **(_API_LIMITS if role == "api" else {}),
+            **_ROLE_OPTIONS.get(role, {}),
         },
     )
+    _ping_after_idle(engine)
+    return engine
+
+
+# A connection back in the pool for less than this is not pinged before its next use. A ping is
+# a round trip, and pinging on every checkout cost a fifth of a worker's time per task. A busy
+# connection broken by a database restart fails on its next statement instead; SQLAlchemy then
+# replaces every pooled connection, so each process sees one failure (the API answers 503, the
+# worker hands the message back).
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    @event.listens_for(engine.pool, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.pool, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out another (SQLAlchemy's
+            # documented pessimistic disconnect handling).
+            raise DisconnectionError() from exc
 
 
 def _instrument(engine: Engine) -> None:
