@@ -7,7 +7,8 @@
    (N - 1) ÷ (last start - first start), with the worker's consumer switched on and off by
    Celery's remote control (add_consumer / cancel_consumer). On Redis and on RabbitMQ.
 3. Dispatch latency (Redis): scheduled submission → task start, open loop at half the raw
-   drain rate measured in metric 2, p50 and p99 ÷ the same for `.delay()` → start.
+   drain rate measured in metric 2, p50 and p99 ÷ the same for `.delay()` → start; and again
+   at half taskdock's own throughput, where it is not overloaded.
 5. CPU per 1,000 tasks (Redis, from metric 2's rounds): utime+stime from /proc of the API,
    the dispatcher, the worker with its pool children, redis-server and the PostgreSQL backends
    of the scratch database ÷ the raw worker's tree + redis-server + the producing process.
@@ -53,7 +54,8 @@ def estimate(options: Options) -> float:
     """Seconds, from runs on a shared 2-core machine (raw enqueue ~400/s, drain ~300/s)."""
     pair = options.seconds + 3 + options.drain_count / 400 + options.drain_count / 300 + 3
     per_broker = 25 + options.rounds * pair
-    latency = options.rounds * 2 * (options.latency_seconds + options.max_lag + 5)
+    # Two latency points (half the raw drain rate, half taskdock's own peak), each A and B.
+    latency = 2 * options.rounds * 2 * (options.latency_seconds + options.max_lag + 5)
     return per_broker * (2 if options.rabbitmq else 1) + latency
 
 
@@ -326,6 +328,20 @@ def broker_suite(
             result["latency"]["taskdock_fell_behind"] = any(
                 run["taskdock"]["fell_behind"] for run in result["latency"]["rounds"]
             )
+            # The specified rate overloads taskdock whenever its throughput is below half the
+            # raw drain rate; a second point, at half taskdock's own peak, shows its latency
+            # without a growing backlog.
+            own = throughput["taskdock_median"] / 2
+            ui.log(f"[bold]metric 3b: dispatch latency at {own:,.0f}/s ({name})[/bold]")
+            result["latency_unloaded"] = rounds(
+                f"dispatch latency at half taskdock's peak ({name})",
+                lambda: taskdock_latency(stack, options, own),
+                lambda: raw_latency(stack, options, own),
+                options.rounds,
+                keys=("p50", "p99"),
+                unit=" ms",
+            )
+            result["latency_unloaded"]["offered_rate"] = own
         return result
     finally:
         stack.raw.close()
