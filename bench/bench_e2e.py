@@ -292,6 +292,20 @@ def cpu_summary(throughput: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def latency_point(stack: Stack, options: Options, rate: float, label: str) -> dict[str, Any]:
+    """Metric 3 at one offered rate: taskdock and `.delay()` in alternating rounds."""
+    result = rounds(
+        label,
+        lambda: taskdock_latency(stack, options, rate),
+        lambda: raw_latency(stack, options, rate),
+        options.rounds,
+        keys=("p50", "p99"),
+        unit=" ms",
+    )
+    result["offered_rate"] = rate
+    return result
+
+
 def broker_suite(
     bench: Bench, broker: str, options: Options, *, name: str, local: bool
 ) -> dict[str, Any]:
@@ -316,15 +330,7 @@ def broker_suite(
             )
             rate = throughput["baseline_median"] / 2
             ui.log(f"[bold]metric 3: dispatch latency at {rate:,.0f}/s ({name})[/bold]")
-            result["latency"] = rounds(
-                f"dispatch latency ({name})",
-                lambda: taskdock_latency(stack, options, rate),
-                lambda: raw_latency(stack, options, rate),
-                options.rounds,
-                keys=("p50", "p99"),
-                unit=" ms",
-            )
-            result["latency"]["offered_rate"] = rate
+            result["latency"] = latency_point(stack, options, rate, f"dispatch latency ({name})")
             result["latency"]["taskdock_fell_behind"] = any(
                 run["taskdock"]["fell_behind"] for run in result["latency"]["rounds"]
             )
@@ -333,15 +339,9 @@ def broker_suite(
             # without a growing backlog.
             own = throughput["taskdock_median"] / 2
             ui.log(f"[bold]metric 3b: dispatch latency at {own:,.0f}/s ({name})[/bold]")
-            result["latency_unloaded"] = rounds(
-                f"dispatch latency at half taskdock's peak ({name})",
-                lambda: taskdock_latency(stack, options, own),
-                lambda: raw_latency(stack, options, own),
-                options.rounds,
-                keys=("p50", "p99"),
-                unit=" ms",
+            result["latency_unloaded"] = latency_point(
+                stack, options, own, f"dispatch latency at half taskdock's peak ({name})"
             )
-            result["latency_unloaded"]["offered_rate"] = own
         return result
     finally:
         stack.raw.close()

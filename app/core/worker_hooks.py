@@ -33,10 +33,16 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         self.consumer = parent
-        self._beat()
+        # The first beat when the consumer is ready ("celery@host ready."), not now: this step
+        # starts before the consumer subscribes, and the first timed beat is 5 s away.
+        signals.worker_ready.connect(self._on_ready, sender=parent, weak=False)
         self.tref = parent.timer.call_repeatedly(HEARTBEAT_INTERVAL, self._beat, (), priority=10)
 
+    def _on_ready(self, **_: Any) -> None:
+        self._beat()
+
     def stop(self, parent: Any) -> None:
+        signals.worker_ready.disconnect(self._on_ready, sender=parent)
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
