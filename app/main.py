@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.warning("authentication is OFF: anyone who reaches the API can use it")
         yield
         app.state.publisher.close()
+        await app.state.database.close()
 
     docs = settings.docs_on
     app = FastAPI(
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.celery_app = celery_app
-    app.state.database = Database(threads=settings.database_pool_size)
+    app.state.database = Database(settings=settings)
     app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
     app.state.rate_limiter = RateLimiter(settings)
     app.state.state_registry = CollectorRegistry(auto_describe=False)

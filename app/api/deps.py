@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
-from app.core.db import session_factory
+from app.core.config import Settings
+from app.core.db import build_async_engine, session_factory
 from app.tasks.publisher import Publisher
 
 # The version prefix; each domain router carries it so routes know their full template.
@@ -19,46 +23,106 @@ T = TypeVar("T")
 
 
 class Database:
-    """A request's database work, run as one unit in one thread-pool hand-off.
+    """A request's database work, run as one unit.
 
     Routes are async and everything around them (auth, scopes, rate limits) runs on the event
-    loop; only the blocking SQLAlchemy work goes to a thread. FastAPI would otherwise hand every
-    synchronous dependency to the pool separately, and those hand-offs, not the database, were
-    most of a request's time (bench/README.md). Write routes use `write`, which commits at
-    the boundary, before they publish.
+    loop. On PostgreSQL the unit runs there too, on psycopg's asyncio side: the service
+    functions stay synchronous and get a Session whose round trips await the event loop
+    (SQLAlchemy's `AsyncSession.run_sync`), so no request needs a thread. SQLite's driver has
+    no asyncio side here, so its units run in one thread-pool hand-off each. Write routes use
+    `write`, which commits at the boundary, before they publish.
     """
 
-    def __init__(self, *, threads: int) -> None:
-        self.threads = threads
+    def __init__(self, *, settings: Settings) -> None:
+        self.settings = settings
         self._limiter: anyio.CapacityLimiter | None = None
+        self._engine: AsyncEngine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+        self._autocommit: async_sessionmaker[AsyncSession] | None = None
 
-    async def run(self, work: Callable[..., T], /, **kwargs: Any) -> T:
-        """Call `work(session=..., **kwargs)` in a thread; the session is closed in that thread.
+    async def autocommit(self, work: Callable[..., T], /, **kwargs: Any) -> T:
+        """Call `work(session=..., **kwargs)`, each statement committed as it runs.
 
-        Anything not committed is rolled back: a failed request leaves nothing half-written.
+        For reads, and for work whose only write is one statement (a submit's INSERT, a mark):
+        on PostgreSQL that saves the BEGIN and COMMIT (or ROLLBACK) round trips, and changes
+        nothing else, since READ COMMITTED gives every statement its own snapshot anyway and a
+        single statement is atomic. SQLite runs it as one transaction in a thread.
         """
-        return await anyio.to_thread.run_sync(
-            _in_session, work, kwargs, False, limiter=self.limiter
-        )
+        if self.settings.embedded:
+            return await self._in_thread(work, kwargs)
+        _, autocommit = self._async_sessions()
+        async with autocommit() as session:
+            return await session.run_sync(_call, work, kwargs)
 
-    async def write(self, work: Callable[..., T], /, **kwargs: Any) -> T:
-        """As `run`, and commit when the work returns: the request's boundary, in the thread."""
-        return await anyio.to_thread.run_sync(_in_session, work, kwargs, True, limiter=self.limiter)
+    async def transaction(self, work: Callable[..., T], /, **kwargs: Any) -> T:
+        """As `autocommit`, in one transaction committed when the work returns.
+
+        For work that writes more than one statement. Anything not committed is rolled back:
+        a failed request leaves nothing half-written.
+        """
+        if self.settings.embedded:
+            return await self._in_thread(work, kwargs)
+        transactions, _ = self._async_sessions()
+        async with transactions() as session:
+            result = await session.run_sync(_call, work, kwargs)
+            await session.commit()
+            return result
+
+    async def _in_thread(self, work: Callable[..., T], kwargs: dict[str, Any]) -> T:
+        return await anyio.to_thread.run_sync(_in_session, work, kwargs, limiter=self.limiter)
+
+    @property
+    def engine(self) -> AsyncEngine | None:
+        """The asyncio engine in use (PostgreSQL only, once a request has used it)."""
+        return self._engine
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
         # No more threads than pooled connections: a request past that waits on the event loop,
         # not in a thread that would open (and then close) an overflow connection.
         if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.threads)
+            self._limiter = anyio.CapacityLimiter(self.settings.database_pool_size)
         return self._limiter
 
+    def _async_sessions(
+        self,
+    ) -> tuple[async_sessionmaker[AsyncSession], async_sessionmaker[AsyncSession]]:
+        # An asyncio pool belongs to the event loop it was made on; a server has one loop, a
+        # test client may start several in turn, and each gets a pool of its own.
+        loop = asyncio.get_running_loop()
+        if self._sessions is None or self._autocommit is None or self._loop is not loop:
+            self._drop_engine()
+            engine = build_async_engine(self.settings, role="api")
+            self._engine, self._loop = engine, loop
+            self._sessions = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+            self._autocommit = async_sessionmaker(
+                engine.execution_options(isolation_level="AUTOCOMMIT"),
+                expire_on_commit=False,
+                autoflush=False,
+            )
+        return self._sessions, self._autocommit
 
-def _in_session(work: Callable[..., T], kwargs: dict[str, Any], commit: bool) -> T:
+    def _drop_engine(self) -> None:
+        if self._engine is not None:
+            # Its connections belong to another loop: forget them without touching them.
+            self._engine.sync_engine.dispose(close=False)
+        self._engine = self._loop = self._sessions = self._autocommit = None
+
+    async def close(self) -> None:
+        if self._engine is not None and self._loop is asyncio.get_running_loop():
+            await self._engine.dispose()
+        self._drop_engine()
+
+
+def _call(session: Session, work: Callable[..., T], kwargs: dict[str, Any]) -> T:
+    return work(session=session, **kwargs)
+
+
+def _in_session(work: Callable[..., T], kwargs: dict[str, Any]) -> T:
     with session_factory()() as session:
         result = work(session=session, **kwargs)
-        if commit:
-            session.commit()
+        session.commit()
         return result
 
 

@@ -25,7 +25,7 @@ async def get_principal(
         return ANONYMOUS
     principal = None
     if credentials is not None and credentials.credentials:
-        principal = await database.run(service.authenticate, plain=credentials.credentials)
+        principal = await database.autocommit(service.authenticate, plain=credentials.credentials)
     if principal is None:
         # Every refused attempt counts against the client's address: guessing keys gets 429.
         await request.app.state.rate_limiter.hit("auth_failures", f"ip:{client_address(request)}")

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = "127.0.0.1"
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
 
+    # Who tells the broker about a new task. True: the API, right after its commit (lowest
+    # latency; works with no dispatcher running). False: only the dispatcher, which PostgreSQL
+    # wakes at each commit (LISTEN/NOTIFY; SQLite polls every dispatcher_interval). The API
+    # then never waits on the broker, and Celery's publish leaves its CPU (bench/README.md).
+    publish_on_submit: bool = True
     # The broker publish on the request path must never hang a request (celery/celery#4296).
     publish_timeout: Annotated[float, Field(gt=0, le=30)] = 1.0
     health_timeout: Annotated[float, Field(gt=0, le=1)] = 0.8

@@ -1,7 +1,9 @@
 """The safety net and the scheduler: publish the outbox, reap lost leases, re-ring lost bells.
 
 Runs as its own process (`taskdock dispatcher`); several may run on PostgreSQL, since
-each batch is taken with FOR UPDATE SKIP LOCKED.
+each batch is taken with FOR UPDATE SKIP LOCKED. On PostgreSQL a commit that puts a task in
+the outbox wakes it at once (migration 0004's trigger and LISTEN); otherwise, and whenever
+the notifications are away, it looks every TASKDOCK_DISPATCHER_INTERVAL seconds.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
+from sqlalchemy import Engine
 
 from app.core.config import Settings
 from app.core.db import get_engine, session_scope
@@ -37,9 +41,13 @@ class Dispatcher:
     def __init__(self, *, settings: Settings, celery_app: Celery) -> None:
         self.settings = settings
         self.celery_app = celery_app
-        self.lock_rows = get_engine().dialect.name == "postgresql"
+        engine = get_engine()
+        self.lock_rows = engine.dialect.name == "postgresql"
         self._last_sweep = 0.0
         self._stop = threading.Event()
+        self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
+        # Without the API's own publish there is nothing to wait for: fresh rows are ours.
+        self.grace = settings.dispatch_grace_seconds if settings.publish_on_submit else 0.0
 
     def tick(self) -> TickReport:
         report = TickReport()
@@ -90,7 +98,7 @@ class Dispatcher:
                 due = lifecycle.due_unpublished(
                     session=session,
                     limit=self.settings.dispatcher_batch_size,
-                    grace=self.settings.dispatch_grace_seconds,
+                    grace=self.grace,
                     lock=self.lock_rows,
                 )
                 if not due:
@@ -123,11 +131,77 @@ class Dispatcher:
                 logger.info("published from the outbox", extra={"count": report.published})
             # A full batch means more is waiting: go again at once.
             if report.published < self.settings.dispatcher_batch_size:
-                self._stop.wait(self.settings.dispatcher_interval)
+                self.wait(self.settings.dispatcher_interval)
+        if self.listener is not None:
+            self.listener.close()
         logger.info("dispatcher stopped")
+
+    def wait(self, timeout: float) -> None:
+        """Until the outbox has news (PostgreSQL) or `timeout` has passed."""
+        if self.listener is None:
+            self._stop.wait(timeout)
+        else:
+            self.listener.wait(timeout)
 
     def stop(self) -> None:
         self._stop.set()
+
+
+CHANNEL = "taskdock_outbox"
+
+
+class OutboxListener:
+    """LISTENs on its own connection for migration 0004's notifications.
+
+    A notification only says "look now": the outbox query decides what is due, so one that is
+    lost (the database restarted, the connection broke) costs at most one interval.
+    """
+
+    def __init__(self, engine: Engine, stop: threading.Event) -> None:
+        self.engine = engine
+        self.stop = stop
+        self._connection: Any = None
+
+    def wait(self, timeout: float) -> bool:
+        """True if the outbox may have news: a notification came within `timeout` (every
+        pending one is consumed), or listening has just begun, so a commit made before it was
+        not heard and one look at the outbox is owed."""
+        try:
+            if self._connection is None or self._connection.closed:
+                self._connect()
+                return True
+            connection = self._connection
+            woken = any(True for _ in connection.notifies(timeout=timeout, stop_after=1))
+            if woken:
+                # One look at the outbox answers every commit so far: under load, hundreds of
+                # notifications arrive per batch, and none may pile up behind the connection.
+                for _ in connection.notifies(timeout=0):
+                    pass
+            return woken
+        except Exception as exc:
+            logger.warning(
+                "outbox notifications unavailable; polling", extra={"reason": str(exc)[:200]}
+            )
+            self.close()
+            self.stop.wait(timeout)
+            return False
+
+    def _connect(self) -> None:
+        pooled = self.engine.raw_connection()
+        connection: Any = pooled.driver_connection
+        # Its own connection for as long as it listens, outside the pool.
+        pooled.detach()
+        connection.autocommit = True
+        connection.execute(f"LISTEN {CHANNEL}")
+        self._connection = connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except Exception:  # already broken: nothing more to release
+                logger.debug("closing the outbox listener failed", exc_info=True)
+            self._connection = None
 
 
 def touch(path: Path) -> None:

@@ -41,17 +41,23 @@ async def _publish(
 ) -> bool:
     """After the commit: ring the broker now if the task is due; the dispatcher covers misses.
 
+    With TASKDOCK_PUBLISH_ON_SUBMIT=false the dispatcher rings it: the commit woke it.
+
     `marked` says the record already claims the publication (submit records it in its one
     insert); otherwise a successful publish is recorded afterwards. True if the broker was told.
     """
-    if task.run_after > utcnow() or task.status != TaskStatus.QUEUED:
+    if (
+        not get_settings().publish_on_submit
+        or task.run_after > utcnow()
+        or task.status != TaskStatus.QUEUED
+    ):
         return False
     sent = await publisher.publish(service.doorbell(task))
     if sent == marked:
         return sent
     change = service.mark_published if sent else service.unmark_published
     try:
-        await database.write(change, task_id=task.id, attempt=task.attempt)
+        await database.autocommit(change, task_id=task.id, attempt=task.attempt)
     except Exception:
         # The request has succeeded and the task is recorded. A missing mark costs one duplicate
         # message; a missing unmark leaves the task to the dispatcher's stale-publication sweep.
@@ -86,14 +92,15 @@ async def submit_task(
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> TaskRead:
-    task, created = await database.write(
+    # One statement writes (the INSERT): it commits on its own, durably.
+    task, created = await database.autocommit(
         service.submit,
         data=data,
         owner=principal.owner,
         idempotency_key=idempotency_key,
         request_id=current_request_id(),
         max_unfinished=get_settings().max_unfinished_tasks if principal.owner else 0,
-        publishing=not publisher.quiet,
+        publishing=get_settings().publish_on_submit and not publisher.quiet,
     )
     # Committed: durable before anything else happens.
     response.headers["Location"] = f"/api/v1/tasks/{task.id}"
@@ -125,7 +132,7 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> TaskPage:
-    items, next_cursor = await database.run(
+    items, next_cursor = await database.autocommit(
         service.list_tasks,
         owner=owner_filter(principal),
         status=status_,
@@ -146,7 +153,7 @@ async def list_tasks(
     responses={404: described("No such task")},
 )
 async def get_task(task_id: uuid.UUID, database: DatabaseDep, principal: CanRead) -> TaskRead:
-    task = await database.run(service.get, task_id=task_id, owner=owner_filter(principal))
+    task = await database.autocommit(service.get, task_id=task_id, owner=owner_filter(principal))
     return TaskRead.model_validate(task)
 
 
@@ -164,7 +171,9 @@ async def cancel_task(task_id: uuid.UUID, database: DatabaseDep, principal: CanS
     # A running task is not killed: its lease renewal sees CANCELLED within a third of the lease
     # and tells the run to stop. Celery's revoke(terminate=True) signals a pool process, which
     # may be running another task by the time the signal lands.
-    task = await database.write(service.cancel, task_id=task_id, owner=owner_filter(principal))
+    task = await database.transaction(
+        service.cancel, task_id=task_id, owner=owner_filter(principal)
+    )
     metrics.TASKS_CANCELLED.labels(task.type).inc()
     return TaskRead.model_validate(task)
 
@@ -183,7 +192,7 @@ async def cancel_task(task_id: uuid.UUID, database: DatabaseDep, principal: CanS
 async def retry_task(
     task_id: uuid.UUID, database: DatabaseDep, publisher: PublisherDep, principal: CanSubmit
 ) -> TaskRead:
-    task = await database.write(service.retry, task_id=task_id, owner=owner_filter(principal))
+    task = await database.transaction(service.retry, task_id=task_id, owner=owner_filter(principal))
     await _publish(database=database, publisher=publisher, task=task, marked=False)
     return TaskRead.model_validate(task)
 

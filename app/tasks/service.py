@@ -56,6 +56,9 @@ def submit(
 ) -> tuple[Task, bool]:
     """Record a new task (QUEUED); returns (task, created).
 
+    Its only write is one INSERT, so the API runs it with each statement committed on its own
+    (`Database.autocommit`): keep it so, or move it to `Database.transaction`.
+
     With `publishing`, a task due now is recorded as published in the same insert: the caller
     publishes right after its commit, and calls `unmark_published` if that fails. One commit
     per submit instead of two; if the process dies between commit and publish, the dispatcher's

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import Engine, create_engine, inspect, text
 
 from app.db import migrate
 from app.db.base import Base
@@ -27,6 +27,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> object:
         yield url
 
 
+def outbox_triggers(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(
+            connection.execute(
+                text("SELECT tgname FROM pg_trigger WHERE tgname LIKE 'task_outbox%'")
+            ).scalars()
+        )
+
+
 def test_upgrade_to_head_and_downgrade_to_base(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
@@ -39,9 +48,14 @@ def test_upgrade_to_head_and_downgrade_to_base(database_url: str) -> None:
         indexes = {index["name"] for index in inspector.get_indexes("task")}
         assert {"ix_task_outbox", "ix_task_lease", "ix_task_owner_created"} <= indexes
 
+        if engine.dialect.name == "postgresql":
+            assert outbox_triggers(engine) == ["task_outbox_notify"]
+
         migrate.downgrade(engine, "base")
         assert migrate.current(engine) is None
         assert "task" not in inspect(engine).get_table_names()
+        if engine.dialect.name == "postgresql":
+            assert outbox_triggers(engine) == []
 
         migrate.upgrade(engine)
         assert migrate.current(engine) == HEAD

@@ -53,6 +53,28 @@ def test_submit_runs_to_succeeded(stack: Stack, client: TestClient) -> None:
     assert done["queued_at"] is not None
 
 
+@pytest.mark.parametrize("backend", ["postgres-redis", "postgres-rabbitmq"], indirect=True)
+def test_the_dispatcher_alone_publishes_woken_by_the_commit(stack: Stack) -> None:
+    # Its scans are a minute apart: within the wait below, only the commit's notification
+    # can have made it publish.
+    stack.env.update(TASKDOCK_PUBLISH_ON_SUBMIT="false", TASKDOCK_DISPATCHER_INTERVAL="60")
+    heartbeat = Path(stack.env["TASKDOCK_DISPATCHER_HEARTBEAT_FILE"])
+    heartbeat.unlink(missing_ok=True)
+    stack.worker()
+    dispatcher = stack.dispatcher()
+    wait_for(heartbeat.exists, timeout=60, what="the dispatcher's first scan")
+    _, base = stack.api()
+
+    with httpx.Client(base_url=base, timeout=10) as http:
+        task = submit(http, {"type": "process_data", "payload": {"user_id": 3, "data": "n"}})
+        assert task["queued_at"] is None  # the API left it to the dispatcher
+        done = wait_status(http, task["id"], FINISHED, timeout=30)
+
+    assert done["status"] == "SUCCEEDED", stack.dump_logs()
+    assert done["queued_at"] is not None
+    assert dispatcher.alive(), dispatcher.output()[-3000:]
+
+
 def test_failure_is_recorded_with_the_error(stack: Stack, client: TestClient) -> None:
     stack.worker()
     task = submit(client, {"type": "tests.no_retry", "payload": {}})
