@@ -2,6 +2,8 @@
 
 1. Submit efficiency: sustained POST /api/v1/tasks (validation, durable insert, 202, publish)
    under wrk ÷ raw Celery `send_task` rate from one process on the same Redis.
+1b. The same with TASKDOCK_PUBLISH_ON_SUBMIT=false: the API only records, and a dispatcher
+   (running beside it, on the same cores) publishes each task, woken by the commit.
 4. Poll efficiency: GET /api/v1/tasks/{id} ÷ a hello-world GET served with the same uvicorn
    settings (bench/hello_app.py: uvloop, httptools, one process).
 Sweep: wrk at each of Options.sweep_connections for submit, poll and the hello baseline.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,7 +39,7 @@ SUBMIT_BODY = {"type": "process_data", "payload": {"user_id": 7, "data": "benchm
 
 def estimate(options: Options) -> float:
     enqueue = options.enqueue_count / 1500
-    pairs = options.rounds * (options.seconds + enqueue + 2 * options.seconds)
+    pairs = options.rounds * (2 * (options.seconds + enqueue) + 2 * options.seconds + 5)
     sweep = 3 * len(options.sweep_connections) * (options.sweep_seconds + 0.5)
     return 15 + pairs + sweep
 
@@ -64,6 +67,17 @@ with app.producer_or_acquire() as producer:
 def _wrk_sample(url: str, options: Options, **kwargs: Any) -> dict[str, Any]:
     result = wrk(url, seconds=options.seconds, connections=options.connections, **kwargs)
     return {"value": result.rate, "latency_ms": result.latency_ms}
+
+
+def _outbox_sample(bench: Bench, url: str, options: Options, script: Path) -> dict[str, Any]:
+    """A submit round while the dispatcher publishes; how much it left unpublished at the end."""
+    sample = _wrk_sample(url, options, script=script)
+    sample["unpublished_at_end"] = bench.scalar(OUTBOX)
+    wait_for(lambda: bench.scalar(OUTBOX) == 0, timeout=120, what="the outbox to drain")
+    return sample
+
+
+OUTBOX = "SELECT count(*) FROM task WHERE published_at IS NULL AND status = 'QUEUED'"
 
 
 def sweep(bench: Bench, api: str, hello: str, task_id: str, options: Options) -> dict[str, Any]:
@@ -124,6 +138,17 @@ def run(options: Options) -> dict[str, Any]:
             lambda: raw_enqueue_rate(broker, options.enqueue_count),
             options.rounds,
         )
+        # Its own API and a dispatcher, the dispatcher's work counted in the same cores.
+        outbox_env = {**env, "TASKDOCK_PUBLISH_ON_SUBMIT": "false"}
+        _, outbox_api = bench.api(outbox_env, name="api-outbox")
+        bench.dispatcher(outbox_env)
+        ui.log("[bold]metric 1b: submit efficiency, the dispatcher publishing[/bold]")
+        submit_outbox = rounds(
+            "submit efficiency (dispatcher publishes)",
+            lambda: _outbox_sample(bench, f"{outbox_api}/api/v1/tasks", options, script),
+            lambda: raw_enqueue_rate(broker, options.enqueue_count),
+            options.rounds,
+        )
         ui.log("[bold]metric 4: poll efficiency[/bold]")
         poll = rounds(
             "poll efficiency",
@@ -135,6 +160,7 @@ def run(options: Options) -> dict[str, Any]:
         concurrency = sweep(bench, api, hello, task["id"], options)
     return {
         "submit_efficiency": submit,
+        "submit_efficiency_outbox": submit_outbox,
         "poll_efficiency": poll,
         "concurrency_sweep": concurrency,
     }

@@ -56,7 +56,8 @@ def estimate(options: Options) -> float:
     per_broker = 25 + options.rounds * pair
     # Two latency points (half the raw drain rate, half taskdock's own peak), each A and B.
     latency = 2 * options.rounds * 2 * (options.latency_seconds + options.max_lag + 5)
-    return per_broker * (2 if options.rabbitmq else 1) + latency
+    # The Redis suite again with the dispatcher publishing: throughput, one latency point.
+    return per_broker * (3 if options.rabbitmq else 2) + latency * 3 / 2
 
 
 def percentile(values: list[float], percent: float) -> float:
@@ -105,8 +106,10 @@ class Stack:
         return self.bench.env(BENCH_BROKER_URL=self.broker)
 
 
-def start_stack(bench: Bench, broker: str, options: Options, *, local_broker: bool) -> Stack:
-    env = bench.env(broker)
+def start_stack(
+    bench: Bench, broker: str, options: Options, *, local_broker: bool, **extra: str
+) -> Stack:
+    env = bench.env(broker, **extra)
     api_proc, api = bench.api(env)
     dispatcher = bench.dispatcher(env)
     worker = bench.worker(env, options.concurrency)
@@ -348,12 +351,40 @@ def broker_suite(
         bench.stop_all()
 
 
+def outbox_suite(bench: Bench, broker: str, options: Options) -> dict[str, Any]:
+    """Metrics 2, 3 (at half taskdock's peak) and 5 with TASKDOCK_PUBLISH_ON_SUBMIT=false."""
+    name = "redis, dispatcher publishes"
+    stack = start_stack(
+        bench, broker, options, local_broker=True, TASKDOCK_PUBLISH_ON_SUBMIT="false"
+    )
+    try:
+        ui.log(f"[bold]metric 2: end-to-end throughput ({name})[/bold]")
+        throughput = rounds(
+            f"e2e throughput ({name})",
+            lambda: taskdock_throughput(stack, options),
+            lambda: raw_throughput(stack, options),
+            options.rounds,
+        )
+        result: dict[str, Any] = {"throughput": throughput, "cpu": cpu_summary(throughput)}
+        own = throughput["taskdock_median"] / 2
+        ui.log(f"[bold]metric 3b: dispatch latency at {own:,.0f}/s ({name})[/bold]")
+        result["latency_unloaded"] = latency_point(
+            stack, options, own, f"dispatch latency at half taskdock's peak ({name})"
+        )
+        return result
+    finally:
+        stack.raw.close()
+        bench.stop_all()
+
+
 def run(options: Options) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with bench_world("e2e") as bench:
         out["redis"] = broker_suite(
             bench, f"{bench.redis_url}/0", options, name="redis", local=True
         )
+    with bench_world("e2e-outbox") as bench:
+        out["redis_outbox"] = outbox_suite(bench, f"{bench.redis_url}/0", options)
     if not options.rabbitmq:
         out["rabbitmq"] = {"skipped": "--no-rabbitmq"}
     elif not rabbit_available():
