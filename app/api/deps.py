@@ -29,8 +29,8 @@ class Database:
     loop. On PostgreSQL the unit runs there too, on psycopg's asyncio side: the service
     functions stay synchronous and get a Session whose round trips await the event loop
     (SQLAlchemy's `AsyncSession.run_sync`), so no request needs a thread. SQLite's driver has
-    no asyncio side here, so its units run in one thread-pool hand-off each. Write routes use
-    `write`, which commits at the boundary, before they publish.
+    no asyncio side here, so its units run in one thread-pool hand-off each. Either way the
+    unit has committed when the call returns (the request's boundary), before any publish.
     """
 
     def __init__(self, *, settings: Settings) -> None:

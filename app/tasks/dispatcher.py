@@ -148,6 +148,7 @@ class Dispatcher:
 
 
 CHANNEL = "taskdock_outbox"
+STOP_CHECK_SECONDS = 0.25
 
 
 class OutboxListener:
@@ -171,13 +172,20 @@ class OutboxListener:
                 self._connect()
                 return True
             connection = self._connection
-            woken = any(True for _ in connection.notifies(timeout=timeout, stop_after=1))
-            if woken:
-                # One look at the outbox answers every commit so far: under load, hundreds of
-                # notifications arrive per batch, and none may pile up behind the connection.
-                for _ in connection.notifies(timeout=0):
-                    pass
-            return woken
+            deadline = time.monotonic() + timeout
+            # In slices, so a stop is heard within one even when the interval is long.
+            while not self.stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                slice_ = min(remaining, STOP_CHECK_SECONDS)
+                if any(True for _ in connection.notifies(timeout=slice_, stop_after=1)):
+                    # One look at the outbox answers every commit so far: under load, hundreds
+                    # arrive per batch, and none may pile up behind the connection.
+                    for _ in connection.notifies(timeout=0):
+                        pass
+                    return True
+            return False
         except Exception as exc:
             logger.warning(
                 "outbox notifications unavailable; polling", extra={"reason": str(exc)[:200]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -104,3 +105,12 @@ def test_without_the_api_publishing_the_dispatcher_publishes_fresh_tasks_at_once
         row = session.get(Task, task_id)
         assert row is not None
         assert row.published_at is not None
+
+
+def test_a_stop_ends_a_long_wait(listener: OutboxListener) -> None:
+    listener.wait(0.05)
+    threading.Timer(0.2, listener.stop.set).start()
+    started = time.monotonic()
+    assert listener.wait(60) is False
+    # Heard within a slice, not at the end of the minute (a bound far from both).
+    assert time.monotonic() - started < 30
