@@ -1,12 +1,15 @@
-"""Worker-process wiring: logging, a consumer heartbeat file, and the health check that reads it."""
+"""Worker-process wiring: logging, a consumer heartbeat file, the health check that reads it,
+and a sweep of the event loop's timer."""
 
 from __future__ import annotations
 
+import heapq
 import logging
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from kombu.asynchronous.timer import Timer
 
 from app.core.config import Settings
 from app.core.logging import configure_logging
@@ -14,6 +17,7 @@ from app.core.logging import configure_logging
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 5.0
+TIMER_SWEEP_INTERVAL = 10.0
 
 
 class ConsumerHeartbeat(bootsteps.StartStopStep):
@@ -71,9 +75,57 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
             logger.warning("cannot write the worker heartbeat", extra={"path": str(self.path)})
 
 
+def sweep_cancelled(timer: Timer) -> int:
+    """Drop the cancelled entries from `timer`'s heap; returns how many went.
+
+    The list is changed in place: the event loop iterates the timer through a generator that
+    holds this very list, and it reads the heap afresh after every entry it runs.
+    """
+    queue = timer._queue
+    live = [event for event in queue if not event.entry.canceled]
+    dropped = len(queue) - len(live)
+    if dropped:
+        heapq.heapify(live)
+        queue[:] = live
+    return dropped
+
+
+class TimerSweep(bootsteps.StartStopStep):
+    """Keeps the worker's timer as long as the work in flight, not as the time limit.
+
+    The prefork pool puts a time-limit entry on the event loop's timer for every task it starts
+    (asynpool's on_timeout_set). When the task ends first the entry is only marked cancelled,
+    and kombu's heap holds it until it falls due, a whole time limit later (celery/celery#5200).
+    At a few hundred tasks a second and the default 310 s limit, that is ~100,000 dead entries
+    of ~450 bytes in the worker's main process; with limits of hours, gigabytes. Sweeping them
+    every few seconds bounds the heap by the tasks started in one interval.
+    """
+
+    requires = ("celery.worker.components:Hub",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def include_if(self, parent: Any) -> bool:
+        # Only the event loop's timer (prefork) runs its entries on the thread that sweeps it.
+        return bool(parent.use_eventloop)
+
+    def start(self, parent: Any) -> None:
+        self.tref = parent.timer.call_repeatedly(
+            TIMER_SWEEP_INTERVAL, sweep_cancelled, (parent.timer,), priority=10
+        )
+
+    def stop(self, parent: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+
 def install_worker_hooks(app: Celery, settings: Settings) -> None:
     app.conf.taskdock_heartbeat_file = settings.worker_heartbeat_file
     app.steps["consumer"].add(ConsumerHeartbeat)
+    app.steps["worker"].add(TimerSweep)
 
     @signals.setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:
