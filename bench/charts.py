@@ -28,6 +28,7 @@ def draw(report: dict[str, Any], base: Path) -> list[Path]:
         "latency": latency,
         "cpu": cpu,
         "footprint": footprint,
+        "profile": profile,
     }
     written = []
     for name, make in charts.items():
@@ -192,5 +193,40 @@ def footprint(report: dict[str, Any]) -> Figure | None:
     axis.set_title(f"Memory over {load['tasks_done']:,} tasks\n{_title(report)}", fontsize=10)
     axis.grid(True, alpha=0.3)
     axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def profile(report: dict[str, Any]) -> Figure | None:
+    """CPU per request, split by layer as py-spy's self time splits it."""
+    data = report.get("profile")
+    if not data:
+        return None
+    names = [("poll", "poll"), ("submit", "submit"), ("hello", "hello GET")]
+    layers: list[str] = []
+    for name, _ in names:
+        for layer in data[name].get("profile", {}).get("layers", {}):
+            if layer not in layers:
+                layers.append(layer)
+    figure, axis = plt.subplots(figsize=(8, 5))
+    labels = [label for _, label in names] + ["raw send_task"]
+    bottoms = [0.0] * len(labels)
+    palette = plt.get_cmap("tab20")
+    for index, layer in enumerate(layers):
+        values = [
+            data[name]["cpu_ms_per_request"]
+            * data[name].get("profile", {}).get("layers", {}).get(layer, 0.0)
+            for name, _ in names
+        ] + [0.0]
+        axis.bar(labels, values, bottom=bottoms, label=layer, color=palette(index % 20))
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    raw = data["raw_send_task"]["cpu_ms_per_message"]
+    axis.bar(labels[-1], raw, bottom=0.0, color="#7f7f7f", label="raw send_task (one thread)")
+    bottoms[-1] = raw
+    for x, total in enumerate(bottoms):
+        axis.text(x, total, f"{total:.2f} ms", ha="center", va="bottom")
+    axis.set_ylabel("CPU ms per request (one core)")
+    axis.set_title(f"Where a request's CPU goes (py-spy, self time)\n{_title(report)}", fontsize=10)
+    axis.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     return figure

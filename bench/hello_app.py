@@ -6,5 +6,5 @@ app = FastAPI()
 
 
 @app.get("/hello")
-def hello() -> dict[str, bool]:
+async def hello() -> dict[str, bool]:
     return {"ok": True}

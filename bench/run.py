@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from types import ModuleType
 from typing import Any
 
-from bench import bench_api, bench_e2e, bench_footprint, bench_pg, charts
+from bench import bench_api, bench_e2e, bench_footprint, bench_pg, bench_profile, charts
 from bench.common import RESULTS, Options, console, fmt, machine_info, now_stamp, ui, write_json
 
 MODULES: dict[str, ModuleType] = {
@@ -25,6 +25,7 @@ MODULES: dict[str, ModuleType] = {
     "e2e": bench_e2e,
     "pg": bench_pg,
     "footprint": bench_footprint,
+    "profile": bench_profile,
 }
 TOOLS = {"wrk": "wrk", "redis-server": "redis-server", "pgbench": "postgresql-client"}
 
@@ -138,6 +139,8 @@ def summary(report: dict[str, Any], images: list[str]) -> str:
             lines += make(report[module])
     if "footprint" in report:
         lines += ["", *_footprint_lines(report["footprint"])]
+    if "profile" in report:
+        lines += ["", *_profile_lines(report["profile"])]
     notes = _notes(report)
     if notes:
         lines += ["", "Notes:", *[f"- {note}" for note in notes]]
@@ -244,6 +247,61 @@ def _footprint_lines(footprint: dict[str, Any]) -> list[str]:
         f"{fmt(load['api_rss_mb_per_1000_tasks_second_half'])} | "
         f"{fmt(load['worker_rss_mb_per_1000_tasks_second_half'])} |",
     ]
+
+
+PROFILED = {"poll": "poll", "submit": "submit", "hello": "hello-world GET"}
+
+
+def _profile_lines(profile: dict[str, Any]) -> list[str]:
+    """What bounds metrics 1 and 4: CPU per request, and where py-spy saw it go."""
+    raw = profile["raw_send_task"]
+    lines = [
+        f"What bounds metrics 1 and 4 (py-spy at {profile['rate_hz']} Hz on the API process, "
+        f"wrk with {profile['connections']} connections; raw `send_task` costs "
+        f"{fmt(raw['cpu_ms_per_message'])} ms of CPU per message at {fmt(raw['rate'])}/s):",
+        "",
+        "| CPU per request | " + " | ".join(PROFILED.values()) + " |",
+        "| --- | " + " | ".join("---" for _ in PROFILED) + " |",
+        "| ms of one core | "
+        + " | ".join(fmt(profile[name]["cpu_ms_per_request"]) for name in PROFILED)
+        + " |",
+        "| requests/s under the profiler | "
+        + " | ".join(fmt(profile[name]["rate"]) for name in PROFILED)
+        + " |",
+    ]
+    layers: list[str] = []
+    for name in PROFILED:
+        for layer in profile[name].get("profile", {}).get("layers", {}):
+            if layer not in layers:
+                layers.append(layer)
+    for layer in layers:
+        shares = [
+            profile[name].get("profile", {}).get("layers", {}).get(layer) for name in PROFILED
+        ]
+        lines.append(
+            f"| {layer}, share of samples (self) | "
+            + " | ".join("" if share is None else f"{100 * share:.0f}%" for share in shares)
+            + " |"
+        )
+    for name in ("poll", "submit"):
+        found = profile[name].get("profile", {})
+        for key, what in (
+            ("taskdock_inclusive", "taskdock's functions (inclusive share of samples)"),
+            ("top_self", "the most self time"),
+        ):
+            if found.get(key):
+                lines += [
+                    "",
+                    f"{name}, {what}: "
+                    + ", ".join(
+                        f"`{function}` {100 * share:.0f}%"
+                        for function, share in list(found[key].items())[:10]
+                    ),
+                ]
+        error = profile[name].get("profile_error")
+        if error:
+            lines += ["", f"{name}: no profile ({error.strip().splitlines()[-1]})"]
+    return lines
 
 
 def _notes(report: dict[str, Any]) -> list[str]:

@@ -1,0 +1,231 @@
+"""What bounds metrics 1 and 4: where the API's CPU goes, from py-spy, next to its baselines.
+
+For each of poll (GET /api/v1/tasks/{id}), submit (POST /api/v1/tasks) and the hello-world GET,
+wrk loads one server process while py-spy samples it and /proc counts its CPU. py-spy keeps
+only samples of a thread holding the GIL (`--gil`): its idle-thread detection counted threads
+asleep in Condition.wait on these machines, and the GIL holder is what runs Python. Reported
+per request: CPU milliseconds; the share of samples by layer, the layer being the package of
+the innermost frame (self time); the share of samples that pass through each of taskdock's
+own functions (inclusive time); and the functions with the most self time. Code that
+SQLAlchemy runs inside a greenlet (`AsyncSession.run_sync`) is sampled as a stack of its
+own, rooted at the greenlet.
+The raw `send_task` baseline is CPU-bound in one thread: its CPU per message is 1 / its rate.
+
+py-spy needs ptrace: as root, or with kernel.yama.ptrace_scope = 0 and the same user. When it
+cannot attach, the report says so and the CPU figures stand alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.bench_api import SUBMIT_BODY, raw_enqueue_rate
+from bench.common import (
+    Bench,
+    Options,
+    bench_world,
+    cpu_seconds,
+    free_port,
+    http_status,
+    submit_script,
+    ui,
+    wait_for,
+    wrk,
+)
+
+RATE_HZ = 250
+TOP_FUNCTIONS = 15
+# (layer, top-level packages). py-spy names a frame's file relative to its sys.path entry
+# ("sqlalchemy/orm/session.py", "app/tasks/router.py"), so the first part is the package.
+LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("taskdock (app/)", frozenset({"app"})),
+    ("uvicorn, httptools, uvloop (HTTP server)", frozenset({"uvicorn", "httptools", "uvloop"})),
+    (
+        "starlette, FastAPI, anyio (routing, dependencies, middleware)",
+        frozenset({"starlette", "fastapi", "anyio"}),
+    ),
+    ("pydantic (validation, serialisation)", frozenset({"pydantic", "pydantic_core"})),
+    ("SQLAlchemy", frozenset({"sqlalchemy"})),
+    ("greenlet (SQLAlchemy's asyncio bridge)", frozenset({"greenlet"})),
+    ("psycopg (driver and its asyncio wait)", frozenset({"psycopg", "psycopg_binary"})),
+    ("redis-py, limits (broker publish, rate limit)", frozenset({"redis", "limits"})),
+    ("Celery, kombu (publish)", frozenset({"celery", "kombu", "amqp", "vine"})),
+    ("prometheus_client (metrics)", frozenset({"prometheus_client"})),
+    ("asyncio (event loop)", frozenset({"asyncio"})),
+)
+STDLIB = "logging, json, uuid, other stdlib"
+UNKNOWN = "other"
+FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def estimate(options: Options) -> float:
+    return 30 + 3 * (options.seconds + 4) + 15
+
+
+def layer_of(path: str) -> str:
+    top = path.split("/", 1)[0].removesuffix(".py")
+    for name, packages in LAYERS:
+        if top in packages:
+            return name
+    return STDLIB if top in sys.stdlib_module_names else UNKNOWN
+
+
+def parse_raw(text: str) -> list[tuple[list[tuple[str, str]], int]]:
+    """py-spy's raw (collapsed) format: `frame;frame;… count`, outermost frame first."""
+    samples = []
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = []
+        for frame in stack.split(";"):
+            match = FRAME.match(frame)
+            if match is None:
+                frames.append((frame, ""))  # a thread's name, "process 123", …
+            else:
+                frames.append((match["function"], match["file"]))
+        samples.append((frames, int(count)))
+    return samples
+
+
+def breakdown(text: str) -> dict[str, Any]:
+    """Self time by layer, and inclusive time of taskdock's own functions (shares of samples)."""
+    samples = parse_raw(text)
+    total = sum(count for _, count in samples)
+    if not total:
+        return {"samples": 0, "layers": {}, "taskdock_inclusive": {}, "top_self": {}}
+    layers: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    for frames, count in samples:
+        located = [(function, path) for function, path in frames if path]
+        layers[layer_of(located[-1][1]) if located else UNKNOWN] += count
+        if located:
+            own[f"{located[-1][1]}:{located[-1][0]}"] += count
+        seen = set()
+        for function, path in located:
+            if path.startswith("app/") and path != "app/cli.py":  # cli: the process's root
+                name = f"{path}:{function}"
+                if name not in seen:
+                    seen.add(name)
+                    inclusive[name] += count
+    return {
+        "samples": total,
+        "layers": {name: round(count / total, 4) for name, count in layers.most_common()},
+        "taskdock_inclusive": {
+            name: round(count / total, 4) for name, count in inclusive.most_common(10)
+        },
+        "top_self": {
+            name: round(count / total, 4) for name, count in own.most_common(TOP_FUNCTIONS)
+        },
+    }
+
+
+def profiled_load(
+    pid: int, url: str, options: Options, work: Path, name: str, script: Path | None = None
+) -> dict[str, Any]:
+    """wrk on `url` while py-spy samples `pid`; CPU ms per request from /proc."""
+    raw = work / f"{name}.pyspy.txt"
+    seconds = options.seconds
+    spy_args = [
+        str(Path(sys.executable).with_name("py-spy")),  # the dev extra installs it beside Python
+        "record",
+        "--pid",
+        str(pid),
+        "--rate",
+        str(RATE_HZ),
+        "--duration",
+        str(int(seconds)),
+        "--format",
+        "raw",
+        "--nonblocking",
+        "--gil",
+        "--output",
+        str(raw),
+    ]
+    spy_result: dict[str, Any] = {}
+
+    def spy() -> None:
+        try:
+            done = subprocess.run(spy_args, capture_output=True, text=True)
+        except OSError as exc:
+            spy_result["stderr"] = f"cannot run py-spy: {exc}"
+            return
+        spy_result["returncode"] = done.returncode
+        spy_result["stderr"] = done.stderr[-500:]
+
+    before = cpu_seconds(pid) or 0.0
+    thread = threading.Thread(target=spy, daemon=True)
+    thread.start()
+    result = wrk(url, seconds=seconds, connections=options.connections, script=script)
+    after = cpu_seconds(pid) or 0.0
+    thread.join(timeout=seconds + 30)
+    out: dict[str, Any] = {
+        "rate": result.rate,
+        "requests": result.requests,
+        "cpu_ms_per_request": round(1000 * (after - before) / max(result.requests, 1), 4),
+    }
+    if spy_result.get("returncode") == 0 and raw.exists():
+        out["profile"] = breakdown(raw.read_text())
+    else:
+        out["profile_error"] = spy_result.get("stderr") or "py-spy did not finish"
+    return out
+
+
+def hello_server(bench: Bench, env: dict[str, str]) -> tuple[int, str]:
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.hello_app:app",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    proc = bench.spawn("hello-profile", args, env)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_status(f"{base}/hello") == 200, timeout=30, what="hello app")
+    return proc.pid, base
+
+
+def run(options: Options) -> dict[str, Any]:
+    with bench_world("profile") as bench:
+        ui.log("[bold]profiles: where the API's CPU goes[/bold]")
+        env = bench.env()
+        api, base = bench.api(env)
+        hello_pid, hello = hello_server(bench, env)
+        task = httpx.post(f"{base}/api/v1/tasks", json=SUBMIT_BODY).json()
+        script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
+        progress = ui.task("profiles", 4)
+        result: dict[str, Any] = {"rate_hz": RATE_HZ, "connections": options.connections}
+        result["poll"] = profiled_load(
+            api.pid, f"{base}/api/v1/tasks/{task['id']}", options, bench.work, "poll"
+        )
+        ui.advance(progress)
+        result["submit"] = profiled_load(
+            api.pid, f"{base}/api/v1/tasks", options, bench.work, "submit", script
+        )
+        ui.advance(progress)
+        result["hello"] = profiled_load(hello_pid, f"{hello}/hello", options, bench.work, "hello")
+        ui.advance(progress)
+        raw = raw_enqueue_rate(env["TASKDOCK_BROKER_URL"], options.enqueue_count)["value"]
+        result["raw_send_task"] = {"rate": raw, "cpu_ms_per_message": round(1000 / raw, 4)}
+        ui.advance(progress)
+        for name in ("poll", "submit", "hello"):
+            ui.log(f"  {name}: {result[name]['cpu_ms_per_request']:.3f} ms CPU per request")
+        return result
