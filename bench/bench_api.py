@@ -24,6 +24,7 @@ from bench.common import (
     ROOT,
     Bench,
     Options,
+    Proc,
     bench_world,
     free_port,
     http_status,
@@ -104,30 +105,36 @@ def sweep(bench: Bench, api: str, hello: str, task_id: str, options: Options) ->
     return out
 
 
+def hello_server(bench: Bench, env: dict[str, str], name: str = "hello") -> tuple[Proc, str]:
+    """The hello-world app (poll's baseline), served with the API's uvicorn settings."""
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.hello_app:app",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    proc = bench.spawn(name, args, env)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_status(f"{base}/hello") == 200, timeout=30, what="hello app")
+    return proc, base
+
+
 def run(options: Options) -> dict[str, Any]:
     with bench_world("api") as bench:
         env = bench.env()
         broker = env["TASKDOCK_BROKER_URL"]
         _, api = bench.api(env)
-        hello_port = free_port()
-        hello_args = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.hello_app:app",
-            "--port",
-            str(hello_port),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
-        bench.spawn("hello", hello_args, env)
-        hello = f"http://127.0.0.1:{hello_port}"
-        wait_for(lambda: http_status(f"{hello}/hello") == 200, timeout=30, what="hello app")
+        _, hello = hello_server(bench, env)
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
         task = httpx.post(f"{api}/api/v1/tasks", json=SUBMIT_BODY).json()
 

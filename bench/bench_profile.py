@@ -27,17 +27,13 @@ from typing import Any
 
 import httpx
 
-from bench.bench_api import SUBMIT_BODY, raw_enqueue_rate
+from bench.bench_api import SUBMIT_BODY, hello_server, raw_enqueue_rate
 from bench.common import (
-    Bench,
     Options,
     bench_world,
     cpu_seconds,
-    free_port,
-    http_status,
     submit_script,
     ui,
-    wait_for,
     wrk,
 )
 
@@ -180,35 +176,12 @@ def profiled_load(
     return out
 
 
-def hello_server(bench: Bench, env: dict[str, str]) -> tuple[int, str]:
-    port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bench.hello_app:app",
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    proc = bench.spawn("hello-profile", args, env)
-    base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: http_status(f"{base}/hello") == 200, timeout=30, what="hello app")
-    return proc.pid, base
-
-
 def run(options: Options) -> dict[str, Any]:
     with bench_world("profile") as bench:
         ui.log("[bold]profiles: where the API's CPU goes[/bold]")
         env = bench.env()
         api, base = bench.api(env)
-        hello_pid, hello = hello_server(bench, env)
+        hello_proc, hello = hello_server(bench, env, name="hello-profile")
         task = httpx.post(f"{base}/api/v1/tasks", json=SUBMIT_BODY).json()
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
         progress = ui.task("profiles", 4)
@@ -221,7 +194,9 @@ def run(options: Options) -> dict[str, Any]:
             api.pid, f"{base}/api/v1/tasks", options, bench.work, "submit", script
         )
         ui.advance(progress)
-        result["hello"] = profiled_load(hello_pid, f"{hello}/hello", options, bench.work, "hello")
+        result["hello"] = profiled_load(
+            hello_proc.pid, f"{hello}/hello", options, bench.work, "hello"
+        )
         ui.advance(progress)
         raw = raw_enqueue_rate(env["TASKDOCK_BROKER_URL"], options.enqueue_count)["value"]
         result["raw_send_task"] = {"rate": raw, "cpu_ms_per_message": round(1000 / raw, 4)}
