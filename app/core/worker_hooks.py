@@ -96,9 +96,9 @@ class TimerSweep(bootsteps.StartStopStep):
     The prefork pool puts a time-limit entry on the event loop's timer for every task it starts
     (asynpool's on_timeout_set). When the task ends first the entry is only marked cancelled,
     and kombu's heap holds it until it falls due, a whole time limit later (celery/celery#5200).
-    At a few hundred tasks a second and the default 310 s limit, that is ~100,000 dead entries
-    of ~450 bytes in the worker's main process; with limits of hours, gigabytes. Sweeping them
-    every few seconds bounds the heap by the tasks started in one interval.
+    At a few hundred tasks a second and the default 300 s limit, that is ~100,000 dead entries
+    of ~450 bytes in the worker's main process; with a limit of an hour, hundreds of MB.
+    Sweeping them every few seconds bounds the heap by the tasks started in one interval.
     """
 
     requires = ("celery.worker.components:Hub",)
