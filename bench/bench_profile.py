@@ -62,6 +62,20 @@ UNKNOWN = "other"
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
+# The profiled servers, as the summary and the chart name them.
+PROFILED = {"poll": "poll", "submit": "submit", "hello": "hello-world GET"}
+
+
+def layers_seen(profile: dict[str, Any]) -> list[str]:
+    """Every layer any profiled server's samples fell in, in the order they first appear."""
+    layers: list[str] = []
+    for name in PROFILED:
+        for layer in profile[name].get("profile", {}).get("layers", {}):
+            if layer not in layers:
+                layers.append(layer)
+    return layers
+
+
 def estimate(options: Options) -> float:
     return 30 + 3 * (options.seconds + 4) + 15
 
@@ -201,6 +215,6 @@ def run(options: Options) -> dict[str, Any]:
         raw = raw_enqueue_rate(env["TASKDOCK_BROKER_URL"], options.enqueue_count)["value"]
         result["raw_send_task"] = {"rate": raw, "cpu_ms_per_message": round(1000 / raw, 4)}
         ui.advance(progress)
-        for name in ("poll", "submit", "hello"):
+        for name in PROFILED:
             ui.log(f"  {name}: {result[name]['cpu_ms_per_request']:.3f} ms CPU per request")
         return result

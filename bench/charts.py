@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from bench.bench_profile import PROFILED, layers_seen
+
 COLOURS = {
     "taskdock": "#1f77b4",
     "baseline": "#ff7f0e",
@@ -202,21 +204,16 @@ def profile(report: dict[str, Any]) -> Figure | None:
     data = report.get("profile")
     if not data:
         return None
-    names = [("poll", "poll"), ("submit", "submit"), ("hello", "hello GET")]
-    layers: list[str] = []
-    for name, _ in names:
-        for layer in data[name].get("profile", {}).get("layers", {}):
-            if layer not in layers:
-                layers.append(layer)
+    names = list(PROFILED)
     figure, axis = plt.subplots(figsize=(8, 5))
-    labels = [label for _, label in names] + ["raw send_task"]
+    labels = [PROFILED[name] for name in names] + ["raw send_task"]
     bottoms = [0.0] * len(labels)
     palette = plt.get_cmap("tab20")
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(layers_seen(data)):
         values = [
             data[name]["cpu_ms_per_request"]
             * data[name].get("profile", {}).get("layers", {}).get(layer, 0.0)
-            for name, _ in names
+            for name in names
         ] + [0.0]
         axis.bar(labels, values, bottom=bottoms, label=layer, color=palette(index % 20))
         bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from bench import bench_api, bench_e2e, bench_footprint, bench_pg, bench_profile, charts
+from bench.bench_profile import PROFILED, layers_seen
 from bench.common import RESULTS, Options, console, fmt, machine_info, now_stamp, ui, write_json
 
 MODULES: dict[str, ModuleType] = {
@@ -249,9 +250,6 @@ def _footprint_lines(footprint: dict[str, Any]) -> list[str]:
     ]
 
 
-PROFILED = {"poll": "poll", "submit": "submit", "hello": "hello-world GET"}
-
-
 def _profile_lines(profile: dict[str, Any]) -> list[str]:
     """What bounds metrics 1 and 4: CPU per request, and where py-spy saw it go."""
     raw = profile["raw_send_task"]
@@ -269,12 +267,7 @@ def _profile_lines(profile: dict[str, Any]) -> list[str]:
         + " | ".join(fmt(profile[name]["rate"]) for name in PROFILED)
         + " |",
     ]
-    layers: list[str] = []
-    for name in PROFILED:
-        for layer in profile[name].get("profile", {}).get("layers", {}):
-            if layer not in layers:
-                layers.append(layer)
-    for layer in layers:
+    for layer in layers_seen(profile):
         shares = [
             profile[name].get("profile", {}).get("layers", {}).get(layer) for name in PROFILED
         ]

@@ -62,7 +62,7 @@ def test_sweep_drops_cancelled_entries_and_keeps_the_live_ones_in_order() -> Non
     assert sweep_cancelled(timer) == 0
     assert [event.entry for event in timer.queue][-1] is live[-1]  # still a heap, by eta
 
-    # The loop's running iterator sees the swept heap: both due entries run, the far one waits.
+    # Run the timer: both due entries fire, the far one waits.
     for _ in range(4):
         _, entry = next(iter(timer))
         if entry is None:
