@@ -6,20 +6,33 @@ BASE_IMAGE ?= python:3.11.14-slim-bookworm
 IMAGE ?= taskdock:local
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# `make run` needs only the runtime lock; everything else (tests, lint, bench) the dev lock.
+RUNTIME := $(VENV)/.installed-runtime
+STAMP := $(VENV)/.installed-dev
+# `make run PORT=8001 HOST=0.0.0.0`; unset, TASKDOCK_API_PORT and TASKDOCK_API_HOST decide.
+PORT ?=
+HOST ?=
 
-.PHONY: run test chaos lint format fuzz e2e hadolint k8s-check bench monitoring-check image base-image lock clean
+.PHONY: run test chaos lint format fuzz e2e hadolint k8s-check bench monitoring-check image base-image lock clean docs docs-build docs-gen
 
-$(STAMP): requirements-dev.lock requirements.lock pyproject.toml
+$(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	touch $@
+
+$(RUNTIME): requirements.lock pyproject.toml $(VENV)/.created
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+$(STAMP): requirements-dev.lock requirements.lock pyproject.toml $(VENV)/.created
 	$(BIN)/pip install --quiet -r requirements-dev.lock
 	$(BIN)/pip install --quiet --no-deps -e .
-	touch $(STAMP)
+	touch $@ $(RUNTIME)
 
-## Run the whole system on this machine: SQLite, a filesystem broker, API on :8000.
-run: $(STAMP)
-	$(BIN)/taskdock dev
+## Run the whole system on this machine: SQLite, a filesystem broker, API on 127.0.0.1:8000.
+run: $(RUNTIME)
+	$(BIN)/taskdock dev $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 ## The test suite with the coverage gate (PostgreSQL, Redis and RabbitMQ on localhost).
 test: $(STAMP)
@@ -71,10 +84,22 @@ bench: $(STAMP)
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(BIN)/python -m bench.run $(ARGS)
 
+## The docs site on http://127.0.0.1:8001 (DOCS_PORT=…), rebuilt on every save of docs/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:$(or $(DOCS_PORT),8001)
+
+## The docs site into site/ (git-ignored), strict: a broken link or a missing page fails.
+docs-build: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+## Regenerate docs/reference/ (settings, CLI, HTTP API) from the code; tests/test_docs.py checks it.
+docs-gen: $(STAMP)
+	$(BIN)/python -m scripts.gen_docs
+
 ## Re-pin the dependencies after editing pyproject.toml.
 lock: $(STAMP)
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
 	$(BIN)/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links --extra dev -o requirements-dev.lock pyproject.toml
 
 clean:
-	rm -rf $(VENV) .taskdock .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .taskdock site .coverage .coverage.* .pytest_cache .mypy_cache .ruff_cache

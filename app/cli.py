@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from app.core.config import get_settings
+from app.core.config import ConfigError, get_settings
 
 cli = typer.Typer(
     name="taskdock",
@@ -29,14 +30,39 @@ ExtraArgs = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def _setup(role: str) -> None:
+    from app.core.config import warn_unknown_variables
     from app.core.db import set_process_role
     from app.core.logging import configure_logging
     from app.tasks.registry import load_task_modules
 
     settings = get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    warn_unknown_variables()
     set_process_role(role)
     load_task_modules(settings.task_modules)
+    if role == "cli":
+        _require_migrated()
+
+
+def _require_migrated() -> None:
+    """Commands that read the record need its tables: say so in one line, create nothing."""
+    from app.core.db import get_engine
+    from app.db import migrate as migrations
+
+    settings = get_settings()
+    where = settings.redacted_database_url
+    if settings.embedded and not settings.sqlite_path.exists():
+        raise ConfigError(
+            f"no taskdock database at {settings.sqlite_path}: run `taskdock migrate` "
+            "(or `taskdock dev`) first, or set TASKDOCK_DATA_DIR or TASKDOCK_DATABASE_URL"
+        )
+    current = migrations.current(get_engine())
+    head = migrations.head()
+    if current != head:
+        raise ConfigError(
+            f"the database at {where} is at revision {current or 'none'}, not {head}: "
+            "run `taskdock migrate` first"
+        )
 
 
 @cli.command()
@@ -80,16 +106,14 @@ def worker(
     """Run a Celery worker; arguments after the options are passed to Celery."""
     from celery.bin.celery import celery as celery_command
 
-    from app.tasks.registry import known_queues
-
     settings = get_settings()
-    if queues is None:
-        queues = ",".join(sorted(known_queues(settings.extra_queues)))
     argv = [
         "worker",
         f"--loglevel={settings.log_level}",
         f"--concurrency={concurrency or settings.worker_concurrency}",
-        f"--queues={queues}",
+        # Without -Q the worker consumes the queues app.worker declares once the task modules
+        # are loaded: every registered one (choosing them here, before that, missed them).
+        *([f"--queues={queues}"] if queues else []),
         *ctx.args,
     ]
     # `celery -A app.worker worker ...`, keeping its exit code: worker_main() drops it, and a
@@ -210,20 +234,25 @@ def dispatcher_health() -> None:
 
 @cli.command()
 def status(
-    workers: Annotated[bool, typer.Option(help="Also ping the workers over the broker.")] = False,
+    workers: Annotated[
+        bool, typer.Option(help="List each live worker: queues, concurrency, active tasks.")
+    ] = False,
 ) -> None:
-    """What is waiting where: tasks by status, the outbox, expired leases, the workers."""
+    """What is waiting where: tasks by status, the outbox, each queue and who consumes it."""
     from sqlalchemy import func, select
 
-    from app.core.celery import get_celery_app
     from app.core.db import session_scope
     from app.db.base import utcnow
     from app.tasks.models import Task
+    from app.tasks.registry import known_queues
     from app.tasks.states import WAITING
+    from app.workers import service as workers_service
 
     _setup("cli")
+    settings = get_settings()
     now = utcnow()
     waiting = [state.value for state in WAITING]
+    max_age = settings.worker_heartbeat_max_age
     with session_scope() as session:
         counts = dict(
             session.execute(select(Task.status, func.count()).group_by(Task.status)).all()
@@ -240,6 +269,11 @@ def status(
             select(func.count()).where(Task.status == "RUNNING", Task.lease_expires_at < now)
         )
         oldest = session.scalar(select(func.min(Task.created_at)).where(Task.status.in_(waiting)))
+        queues = workers_service.queue_report(
+            session=session, known=known_queues(settings.extra_queues), max_age=max_age
+        )
+        live = workers_service.live_workers(session=session, max_age=max_age)
+        active = workers_service.running_by_worker(session=session)
     typer.echo(
         "tasks by status: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
     )
@@ -247,14 +281,33 @@ def status(
     typer.echo(f"scheduled for later (countdown, eta, retry backoff): {scheduled}")
     typer.echo(f"running with an expired lease (worker lost): {expired}")
     if oldest is not None:
-        typer.echo(
-            f"oldest waiting task: {timedelta(seconds=int((now - oldest).total_seconds()))} old"
-        )
+        typer.echo(f"oldest waiting task: {_age(now - oldest)} old")
+    typer.echo(f"queues (waiting and due; workers consuming, heartbeat within {max_age:g}s):")
+    width = max(len(queue.name) for queue in queues)
+    for queue in queues:
+        line = f"  {queue.name:<{width}}  {queue.waiting} waiting"
+        if queue.waiting:
+            line += f", oldest {_age(timedelta(seconds=queue.oldest_seconds))}"
+        line += f"; {queue.consumers} worker{'' if queue.consumers == 1 else 's'}"
+        if queue.stranded:
+            line += (
+                f"  <- NO WORKER consumes this queue; its tasks wait until one does "
+                f"(taskdock worker -Q {queue.name})"
+            )
+        typer.echo(line)
+    typer.echo(f"workers alive: {len(live)}")
     if workers:
-        replies = get_celery_app().control.ping(timeout=2.0) or []
-        typer.echo(f"workers answering: {len(replies)}")
-        for reply in replies:
-            typer.echo(f"  {next(iter(reply))}")
+        for worker in live:
+            typer.echo(
+                f"  {worker.name}  queues={','.join(worker.queues)}  "
+                f"concurrency={worker.concurrency}  active={active.get(worker.name, 0)}  "
+                f"last heartbeat {_age(now - worker.heartbeat_at)} ago  "
+                f"(pid {worker.pid}, up {_age(now - worker.started_at)})"
+            )
+
+
+def _age(delta: timedelta) -> str:
+    return str(timedelta(seconds=max(0, int(delta.total_seconds()))))
 
 
 keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -323,8 +376,12 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.
 
 @cli.command()
 def dev(
-    host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    host: Annotated[
+        str | None, typer.Option(help="API bind address (TASKDOCK_API_HOST, default 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="API port (TASKDOCK_API_PORT, default 8000).")
+    ] = None,
 ) -> None:
     """Run everything on this machine: migrations, the API, a worker and the dispatcher."""
     os.environ.setdefault("TASKDOCK_LOG_FORMAT", "console")
@@ -332,11 +389,35 @@ def dev(
     os.environ.setdefault("TASKDOCK_AUTH_ENABLED", "false")
     get_settings.cache_clear()
     settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    data = settings.data_dir.resolve()
+    ensure_writable_dir(data, "TASKDOCK_DATA_DIR")
+    # Everything of this instance under its data directory, so two instances (two checkouts,
+    # two data directories) never share a heartbeat, a metrics folder or a port; what the user
+    # set explicitly wins.
+    defaults = {
+        "data_dir": str(data),
+        "worker_heartbeat_file": str(data / "worker.heartbeat"),
+        "dispatcher_heartbeat_file": str(data / "dispatcher.heartbeat"),
+        "metrics_dir": str(data / "metrics"),
+        "worker_metrics_port": str(_free_port(settings.worker_metrics_host)),
+    }
+    for name, value in defaults.items():
+        if name not in settings.model_fields_set:
+            os.environ[f"TASKDOCK_{name.upper()}"] = value
+    get_settings.cache_clear()
+    settings = get_settings()
+    host = host or settings.api_host
+    port = port or settings.api_port
     migrate()
+    metrics = (
+        f"http://{settings.worker_metrics_host}:{settings.worker_metrics_port}/metrics"
+        if settings.worker_metrics_port
+        else "off"
+    )
     typer.echo(
-        f"taskdock dev: data in {settings.data_dir.resolve()}, API on http://{host}:{port} "
-        f"(docs at /docs); Ctrl-C stops everything"
+        f"taskdock dev: API on http://{host}:{port} (docs at /docs), worker metrics at {metrics}\n"
+        f"  data in {data} (stop, then delete it to start afresh)\n"
+        f"  CLI: {Path(sys.executable).parent / 'taskdock'} status; Ctrl-C stops everything"
     )
     base = [sys.executable, "-m", "app.cli"]
     children = {
@@ -346,13 +427,39 @@ def dev(
         ),
         "dispatcher": subprocess.Popen([*base, "dispatcher"]),  # noqa: S603
     }
-    code = _supervise(children)
+    code = _supervise(children, database=settings.sqlite_path)
     raise typer.Exit(code)
 
 
-def _supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
-    """Wait until Ctrl-C, SIGTERM or a child's exit, then stop every child."""
+def ensure_writable_dir(path: Path, variable: str) -> None:
+    """Create `path` and prove it writable, or stop with one line naming the setting."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"invalid configuration: {variable}: cannot write to {path} ({reason})"
+        ) from None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _supervise(children: dict[str, subprocess.Popen[bytes]], *, database: Path) -> int:
+    """Wait until Ctrl-C, SIGTERM or a child's exit, then stop every child.
+
+    Also says once if the database file is deleted (or replaced) under the running processes:
+    they keep running, and readiness reports it, but the user at the terminal must know why.
+    """
     stopping = False
+    inode = _inode(database)
+    told = False
 
     def _terminate(_signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -367,6 +474,13 @@ def _supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
                     typer.echo(f"{name} exited with {child.returncode}; stopping", err=True)
                     code = child.returncode or 1
                     stopping = True
+            if not told and _inode(database) != inode:
+                told = True
+                typer.echo(
+                    f"the database file {database} was deleted: /health/ready is false and new "
+                    "tasks are refused until taskdock dev is restarted",
+                    err=True,
+                )
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
@@ -383,8 +497,22 @@ def _supervise(children: dict[str, subprocess.Popen[bytes]]) -> int:
     return code
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
 def main() -> None:
-    cli()
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        cli()
+    except DBAPIError as exc:
+        # No traceback for a database that is away or refuses: one line, as for settings.
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        raise SystemExit(f"taskdock: database error: {first}") from None
 
 
 if __name__ == "__main__":

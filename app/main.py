@@ -21,7 +21,7 @@ from app.api.request_id import RequestIdMiddleware
 from app.api.router import api_router
 from app.core import metrics
 from app.core.celery import get_celery_app
-from app.core.config import Settings, get_settings
+from app.core.config import Settings, get_settings, warn_unknown_variables
 from app.core.db import set_process_role
 from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
+    warn_unknown_variables()
     set_process_role("api")
     load_task_modules(settings.task_modules)
     celery_app = get_celery_app()

@@ -3,7 +3,7 @@
 #   1. the shared objects (namespace, service account, config, network policies);
 #   2. the migration Job (the previous run deleted first), waited for;
 #   3. everything else (Deployments, Services, Ingress, autoscalers, budgets), then the rollouts.
-# A roll back is the same command with the previous image (README, "CI/CD").
+# A roll back is the same command with the previous image (docs/deploy/ci-cd.md).
 #
 # Usage: scripts/k8s-deploy.sh OVERLAY_DIR IMAGE
 #   e.g. scripts/k8s-deploy.sh deploy/k8s/overlays/staging registry.example.com/taskdock:3f2a9c1
@@ -46,7 +46,7 @@ echo "k8s-deploy: $image to namespace $namespace"
 
 if ! "$kubectl" -n "$namespace" get secret taskdock-secrets -o name >/dev/null; then
   echo "k8s-deploy: create the Secret taskdock-secrets in $namespace first" \
-    "(README, \"Deploy on Kubernetes\")" >&2
+    "(docs/deploy/kubernetes.md)" >&2
   exit 1
 fi
 

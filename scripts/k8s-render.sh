@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Render a kustomize overlay of deploy/k8s to standard output: the manifests the README applies,
+# Render a kustomize overlay of deploy/k8s to standard output: the manifests the docs apply,
 # scripts/k8s-deploy.sh deploys and tests/deploy validates.
 #
 # Usage: scripts/k8s-render.sh OVERLAY_DIR [--image REF]

@@ -183,3 +183,64 @@ def test_a_worker_that_dies_of_an_unrecoverable_error_exits_non_zero(tmp_path: P
 
     assert "Unrecoverable error" in result.stdout + result.stderr
     assert result.returncode != 0
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_status_flags_a_queue_no_worker_consumes_and_lists_the_workers(
+    pg_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.support.services import REDIS_URL, require_redis
+    from tests.support.stack import running_stack
+
+    require_redis()
+    env = {**pg_env, "TASKDOCK_BROKER_URL": REDIS_URL}
+    heartbeat = tmp_path / "w1.heartbeat"
+    with running_stack(env, tmp_path / "logs") as stack:
+        worker = stack.taskdock(
+            "w1",
+            "worker",
+            "-Q",
+            "default",
+            "--concurrency",
+            "1",
+            "--hostname",
+            "w1@%h",
+            env={**env, "TASKDOCK_WORKER_HEARTBEAT_FILE": str(heartbeat)},
+        )
+        wait_for(heartbeat.exists, timeout=60, what="the worker to consume")
+        _, base = stack.api()
+        side = httpx.post(f"{base}/api/v1/tasks", json={"type": "tests.side", "payload": {}})
+        slow = httpx.post(
+            f"{base}/api/v1/tasks", json={"type": "sleep", "payload": {"seconds": 30}}
+        )
+        assert side.status_code == slow.status_code == 202
+        wait_for(
+            lambda: (
+                httpx.get(f"{base}/api/v1/tasks/{slow.json()['id']}").json()["status"] == "RUNNING"
+            ),
+            timeout=30,
+            what="the sleep task to run",
+        )
+
+        result = taskdock("status", "--workers", env=env)
+        metrics = httpx.get(f"{base}/metrics").text
+        assert worker.alive()
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    side_line = next(line for line in lines if line.strip().startswith("side "))
+    assert "1 waiting" in side_line
+    assert "0 workers" in side_line
+    assert "NO WORKER consumes this queue" in side_line
+    default_line = next(line for line in lines if line.strip().startswith("default "))
+    assert "1 worker" in default_line
+    assert "NO WORKER" not in default_line
+    (worker_line,) = [line for line in lines if line.strip().startswith("w1@")]
+    assert "queues=default " in worker_line
+    assert "concurrency=1" in worker_line
+    assert "active=1" in worker_line
+    assert "last heartbeat 0:00:0" in worker_line
+    assert 'taskdock_queue_consumers{queue="side"} 0.0' in metrics
+    assert 'taskdock_queue_waiting{queue="side"} 1.0' in metrics
+    assert 'taskdock_queue_consumers{queue="default"} 1.0' in metrics

@@ -13,7 +13,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import build_async_engine, session_factory
+from app.core.db import (
+    DatabaseFileGone,
+    build_async_engine,
+    session_factory,
+    sqlite_file_problem,
+)
 from app.tasks.publisher import Publisher
 
 # The version prefix; each domain router carries it so routes know their full template.
@@ -123,6 +128,11 @@ def _in_session(work: Callable[..., T], kwargs: dict[str, Any]) -> T:
     with session_factory()() as session:
         result = work(session=session, **kwargs)
         session.commit()
+        # Committed to the file this process opened; if that file is no longer the database
+        # (its data directory was deleted), the work is as good as lost: no 2xx for it.
+        problem = sqlite_file_problem(session.get_bind().engine.url.database or "")
+        if problem is not None:
+            raise DatabaseFileGone(problem)
         return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -27,7 +28,13 @@ def check_database() -> None:
 
 
 def broker_check(app: Celery, timeout: float) -> Callable[[], None]:
+    # The embedded broker is a folder: one that was deleted answers nothing until it is made
+    # again (app.core.fsbroker does, at the next poll or publish).
+    folder = (app.conf.broker_transport_options or {}).get("data_folder_in")
+
     def check() -> None:
+        if folder is not None and not os.path.isdir(folder):
+            raise FileNotFoundError(f"the broker folder {folder} is gone")
         with app.connection_for_read() as connection:
             connection.ensure_connection(max_retries=0, timeout=max(1, int(timeout)))
             connection.default_channel  # noqa: B018 - opening a channel proves the broker answers

@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from celery import Celery
 from fastapi import APIRouter, Request, Response
@@ -21,8 +20,11 @@ from app.core.config import get_settings
 from app.core.db import session_scope
 from app.db.base import utcnow
 from app.tasks.models import Task
+from app.tasks.publisher import queue_depths
 from app.tasks.registry import known_queues
 from app.tasks.states import WAITING, TaskStatus
+from app.workers import service as workers_service
+from app.workers.service import QueueReport
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -76,10 +78,11 @@ class StateCollector(Collector):
         from_db = _executor.submit(self._read_database)
         from_broker = _executor.submit(self._read_broker)
         try:
-            outbox, by_status = from_db.result(timeout=STATE_TIMEOUT)
+            outbox, by_status, queue_reports = from_db.result(timeout=STATE_TIMEOUT)
         except Exception as exc:
             logger.warning("metrics: database not readable", extra={"reason": repr(exc)[:200]})
         else:
+            yield from _queue_gauges(queue_reports)
             yield GaugeMetricFamily(
                 "taskdock_outbox_tasks",
                 "Tasks due but not yet published to the broker.",
@@ -106,9 +109,10 @@ class StateCollector(Collector):
                 queues.add_metric([queue], depth)
             yield queues
 
-    def _read_database(self) -> tuple[int, dict[str, int]]:
+    def _read_database(self) -> tuple[int, dict[str, int], list[QueueReport]]:
         waiting = [state.value for state in WAITING]
         now = utcnow()
+        settings = get_settings()
         with session_scope() as session:
             outbox = session.scalar(
                 select(func.count()).where(
@@ -116,22 +120,37 @@ class StateCollector(Collector):
                 )
             )
             rows = session.execute(select(Task.status, func.count()).group_by(Task.status)).all()
-        return int(outbox or 0), {str(s): int(c) for s, c in rows}
+            queue_reports = workers_service.queue_report(
+                session=session,
+                known=known_queues(settings.extra_queues),
+                max_age=settings.worker_heartbeat_max_age,
+            )
+        return int(outbox or 0), {str(s): int(c) for s, c in rows}, queue_reports
 
     def _read_broker(self) -> dict[str, int]:
-        depths: dict[str, int] = {}
-        queues = sorted(known_queues(get_settings().extra_queues))
-        with self.celery_app.connection_for_read() as connection:
-            connection.ensure_connection(max_retries=0, timeout=1)
-            channel: Any = connection.default_channel
-            for queue in queues:
-                try:
-                    depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])
-                except connection.channel_errors:
-                    # Not declared, or (Redis) emptied and so deleted: nothing waits there.
-                    depths[queue] = 0
-                    channel = connection.channel()
-        return depths
+        return queue_depths(self.celery_app, sorted(known_queues(get_settings().extra_queues)))
+
+
+def _queue_gauges(reports: list[QueueReport]) -> Iterator[GaugeMetricFamily]:
+    """Per queue, from the record: what waits, since when, and who consumes it."""
+    families = (
+        ("taskdock_queue_waiting", "Tasks due and waiting for a worker, by queue.", "waiting"),
+        (
+            "taskdock_queue_oldest_waiting_seconds",
+            "How long the oldest due task of the queue has waited.",
+            "oldest_seconds",
+        ),
+        (
+            "taskdock_queue_consumers",
+            "Live workers (recent heartbeat) consuming the queue; 0 with work waiting: stranded.",
+            "consumers",
+        ),
+    )
+    for name, documentation, attribute in families:
+        family = GaugeMetricFamily(name, documentation, labels=["queue"])
+        for report in reports:
+            family.add_metric([report.name], getattr(report, attribute))
+        yield family
 
 
 @router.get("/metrics", include_in_schema=False)

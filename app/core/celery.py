@@ -6,11 +6,23 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
+from celery.app.amqp import AMQP
+from kombu import Exchange, Queue
 
 from app.core.config import Settings, get_settings
 
 JOB_NAME = "taskdock.execute"
 FILESYSTEM_TRANSPORT = "app.core.fsbroker:Transport"
+REDIS_TRANSPORT = "app.core.redisbroker:Transport"
+
+
+def transport(settings: Settings) -> str | None:
+    """kombu's transport class, or ours where we fix one (app.core.fsbroker, .redisbroker).
+
+    Not for rediss://: naming a transport class turns off kombu's TLS for that scheme.
+    """
+    scheme = settings.celery_broker_url.split("://", 1)[0]
+    return {"filesystem": FILESYSTEM_TRANSPORT, "redis": REDIS_TRANSPORT}.get(scheme)
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -50,8 +62,44 @@ def max_time_limit(settings: Settings) -> float:
     return max([settings.task_default_time_limit, *limits])
 
 
+def consumed_queues(settings: Settings) -> list[Queue]:
+    """Every queue of the registered task types and TASKDOCK_EXTRA_QUEUES.
+
+    A worker started without -Q (`taskdock worker`, plain `celery -A app.worker worker`)
+    consumes all of them. Each is declared as Celery declares a queue it creates on demand,
+    so a publisher's and a worker's declarations always agree.
+    """
+    from app.tasks.registry import known_queues
+
+    return [
+        Queue(name, Exchange(name), routing_key=name)
+        for name in sorted(known_queues(settings.extra_queues))
+    ]
+
+
+class DoorbellAMQP(AMQP):
+    """Celery's messages, with the task-sent event named as every later event of the task.
+
+    Celery names task-sent after the job (`taskdock.execute`), and task-received and the rest
+    after the message's shadow, the task type's name: Flower would list a task under both.
+    """
+
+    def as_task_v2(self, *args: Any, **kwargs: Any) -> Any:
+        message = super().as_task_v2(*args, **kwargs)
+        shadow = message.headers.get("shadow")
+        if shadow and message.sent_event is not None:
+            message.sent_event["name"] = shadow
+        return message
+
+
 def create_celery_app(settings: Settings) -> Celery:
-    app = Celery("taskdock", broker=settings.celery_broker_url, include=["app.tasks.jobs"])
+    """Call after the task modules are loaded: their queues are the ones consumed."""
+    app = Celery(
+        "taskdock",
+        broker=settings.celery_broker_url,
+        include=["app.tasks.jobs"],
+        amqp=DoorbellAMQP,
+    )
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -64,12 +112,13 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
-        # No Celery monitoring events: the record in the database is the truth and the metrics
-        # come from it. Events cost the broker four extra messages per task that nobody reads;
-        # run a worker with `-E` for Flower.
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        # Celery's monitoring events (Flower, `celery events`) only when asked: the record in the
+        # database is the truth and the metrics come from it, and events cost the broker four
+        # extra messages per task.
+        worker_send_task_events=settings.worker_events,
+        task_send_sent_event=settings.worker_events,
         task_default_queue="default",
+        task_queues=consumed_queues(settings),
         task_create_missing_queues=True,
         task_queue_max_priority=10,
         task_default_priority=5,
@@ -77,7 +126,7 @@ def create_celery_app(settings: Settings) -> Celery:
         broker_connection_timeout=settings.publish_timeout,
         broker_transport_options=broker_options(settings),
         broker_pool_limit=10,
-        broker_transport=FILESYSTEM_TRANSPORT if settings.broker_name == "broker" else None,
+        broker_transport=transport(settings),
         timezone="UTC",
         enable_utc=True,
     )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -39,89 +43,139 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        # Each field's docstring is its description: the settings reference in docs/ is
+        # generated from them (make docs-gen).
+        use_attribute_docstrings=True,
     )
 
     environment: Environment = Environment.DEVELOPMENT
+    """`development`, `test` or `production`; production refuses SQLite and the filesystem
+    broker."""
 
-    # Embedded mode keeps the SQLite file and the filesystem broker's folders here.
     data_dir: Path = Path(".taskdock")
+    """Embedded mode: the SQLite file and the filesystem broker's folders."""
     # URLs may carry a password: kept out of repr() and logs.
     database_url: str = Field(default="", repr=False)
+    """E.g. `postgresql+psycopg://taskdock@db:5432/taskdock`; empty: SQLite in the data
+    directory."""
     database_password: SecretStr | None = None
+    """Inserted into the database URL when it has none."""
     database_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
+    """Database connections per process."""
     database_max_overflow: Annotated[int, Field(ge=0, le=200)] = 10
+    """Extra connections under load. The API keeps its extra connections open once made (one
+    closed at each return cost a new PostgreSQL backend every few requests) and queues requests
+    past them on the event loop."""
     broker_url: str = Field(default="", repr=False)
+    """`redis://redis:6379/0` or `amqp://taskdock@rabbitmq:5672//`; empty: the filesystem broker."""
     broker_password: SecretStr | None = None
+    """Inserted into the broker URL when it has none."""
 
     api_host: str = "127.0.0.1"
+    """The API's bind address (`0.0.0.0` in containers)."""
     api_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    """The API's port."""
     api_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """uvicorn worker processes per API server."""
     api_graceful_timeout: Annotated[int, Field(ge=0, le=3600)] = 20
+    """Seconds in-flight requests get after SIGTERM."""
     forwarded_allow_ips: str = "127.0.0.1"
+    """Proxies whose `X-Forwarded-*` headers are trusted (comma-separated, or `*`)."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    """Larger request bodies get 413 before they are read."""
 
-    # Who tells the broker about a new task. True: the API, right after its commit (lowest
-    # latency; works with no dispatcher running). False: only the dispatcher, which PostgreSQL
-    # wakes at each commit (LISTEN/NOTIFY; SQLite polls every dispatcher_interval). The API
-    # then never waits on the broker, and Celery's publish leaves its CPU (bench/README.md).
+    # With false the API never waits on the broker, and Celery's publish leaves its CPU
+    # (bench/README.md).
     publish_on_submit: bool = True
+    """Who tells the broker about a new task. `true`: the API, right after its commit (lowest
+    latency; works with no dispatcher running). `false`: only the dispatcher, which PostgreSQL
+    wakes at each commit (LISTEN/NOTIFY; SQLite: at its next scan)."""
     # The broker publish on the request path must never hang a request (celery/celery#4296).
     publish_timeout: Annotated[float, Field(gt=0, le=30)] = 1.0
+    """Seconds a request may spend telling the broker."""
     health_timeout: Annotated[float, Field(gt=0, le=1)] = 0.8
+    """Seconds per dependency check of `/health/ready`."""
 
     # Reliability core: leases, redelivery and the dispatcher's pace.
     task_lease_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    """A run's lease, in seconds: a vanished worker's task is handed out again after it."""
     task_max_deliveries: Annotated[int, Field(ge=1, le=100)] = 3
-    # For task types that declare no time limit of their own.
+    """Hand-outs of one attempt before it is FAILED as poison."""
     task_default_time_limit: Annotated[float, Field(gt=0)] = 300.0
-    # From the soft time limit (raised in the task, recorded as its failure) to the hard kill.
+    """Seconds, for task types that declare no time limit of their own."""
     task_hard_limit_grace: Annotated[float, Field(ge=1, le=600)] = 10.0
+    """Seconds from a task's soft time limit (raised in the task, recorded as its failure) to
+    Celery's hard kill."""
     dispatcher_interval: Annotated[float, Field(gt=0, le=60)] = 0.5
+    """Seconds between outbox scans (on PostgreSQL a commit also wakes the dispatcher at once)."""
     dispatcher_batch_size: Annotated[int, Field(ge=1, le=10000)] = 200
+    """Tasks published per scan."""
     dispatch_grace_seconds: Annotated[float, Field(ge=0, le=60)] = 2.0
-    republish_after_seconds: Annotated[float, Field(ge=10)] = 300.0
+    """Seconds the dispatcher leaves fresh rows to the API's own publish."""
+    republish_after_seconds: Annotated[float, Field(ge=10)] = 30.0
+    """A waiting task whose message the broker no longer holds (a broker restarted empty) is
+    published again once its last publication is this many seconds old; the dispatcher compares
+    the broker's queues with the record every third of it, so a backlog is never sent twice."""
     reaper_interval: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """Seconds between lease sweeps."""
 
     worker_concurrency: Annotated[int, Field(ge=1, le=256)] = 2
+    """Pool processes per worker."""
     worker_heartbeat_file: Path = Path("/tmp/taskdock-worker.heartbeat")  # noqa: S108
+    """Touched by the worker's consumer loop every 5 s; read by `taskdock worker-health`."""
     worker_heartbeat_max_age: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds; `taskdock worker-health` fails past this age."""
     dispatcher_heartbeat_file: Path = Path("/tmp/taskdock-dispatcher.heartbeat")  # noqa: S108
+    """Touched by every healthy dispatcher tick; read by `taskdock dispatcher-health`."""
     dispatcher_heartbeat_max_age: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds; `taskdock dispatcher-health` fails past this age."""
+    worker_events: bool = False
+    """Celery's task events, for Flower and `celery events`: workers send them, and the API and
+    the dispatcher send task-sent. Off: they cost the broker a message per step of every task."""
 
-    # Users' own task modules, imported by every process (comma-separated in the environment).
     task_modules: Annotated[list[str], NoDecode, Field(default_factory=list)]
-    # Queues a submission may name besides those of the registered task types.
+    """Import paths of your own task modules, comma-separated; every process imports them."""
     extra_queues: Annotated[list[str], NoDecode, Field(default_factory=list)]
+    """Queues a submission may name besides the task types' own, comma-separated (another
+    queue is 422: no worker would consume it)."""
 
-    # prometheus-client's multiprocess files, one fresh directory per process group.
     metrics_dir: Path = Path("/tmp/taskdock-metrics")  # noqa: S108
-    # Each worker serves its own /metrics here (0 turns it off).
+    """prometheus-client's multiprocess files, one fresh directory per process group."""
     worker_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9808
+    """Each worker serves its own `/metrics` on this port (`0`: off)."""
+    worker_metrics_host: str = "127.0.0.1"
+    """Where the worker's `/metrics` listens: loopback like the API, `0.0.0.0` in containers."""
 
-    # API keys on every /api route. Off only when asked (`taskdock dev` does), with a warning.
     auth_enabled: bool = True
-    # A key registered with the admin scope by `taskdock migrate` (a Docker or Kubernetes secret).
+    """API keys on every `/api` route. Off only when asked (`taskdock dev` does), with a warning
+    at start."""
     bootstrap_api_key: SecretStr | None = None
+    """Registered with the admin scope by `taskdock migrate`: a new deployment's first key."""
 
-    # Host headers the API answers (Starlette's TrustedHostMiddleware); "*" allows any.
     allowed_hosts: Annotated[list[str], NoDecode, Field(default_factory=lambda: ["*"])]
-    # Browser origins allowed by CORS; empty turns CORS off.
+    """Host headers the API answers, comma-separated (`*`: any); another one gets 400."""
     cors_origins: Annotated[list[str], NoDecode, Field(default_factory=list)]
-    # /docs, /redoc and /openapi.json; unset means on, except in production.
+    """Browser origins allowed by CORS, comma-separated; empty: CORS off."""
     docs_enabled: bool | None = None
+    """`/docs`, `/redoc` and `/openapi.json`; unset: on, except in production."""
 
-    # Per API key, or per client IP when auth is off; "N/second|minute|hour|day" (limits syntax).
     rate_limit_submit: str = "100/minute"
+    """Submit, cancel and retry, per API key (per client IP when auth is off):
+    `N/second|minute|hour|day`."""
     rate_limit_read: str = "1000/minute"
-    # Requests with a missing or wrong API key, per client IP: guessing keys gets 429.
+    """Reads and lists, per API key (per client IP when auth is off)."""
     rate_limit_auth_failures: str = "60/minute"
-    # Where counts are shared by every API process: default the Redis broker, else memory.
+    """Requests with a missing or wrong API key, per client IP: guessing keys gets 429."""
     rate_limit_storage_url: str = Field(default="", repr=False)
-    # Unfinished tasks one API key may have at once (0: no quota).
+    """Where every API process shares its counts, e.g. `redis://redis:6379/1`; empty: the Redis
+    broker, else memory."""
     max_unfinished_tasks: Annotated[int, Field(ge=0)] = 1000
+    """Unfinished tasks one API key may have at once; more get 429 (`0`: no quota)."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """The lowest level logged."""
     log_format: Literal["json", "console"] = "json"
+    """`json`: one object per line on stdout; `console`: readable lines (`taskdock dev`)."""
 
     @field_validator("task_modules", "extra_queues", "allowed_hosts", "cors_origins", mode="before")
     @classmethod
@@ -175,9 +229,21 @@ class Settings(BaseSettings):
         return self.database_url == "" or self.database_url.startswith("sqlite")
 
     @property
+    def sqlite_path(self) -> Path:
+        """The embedded database's file (when no TASKDOCK_DATABASE_URL names another)."""
+        if self.database_url.startswith("sqlite"):
+            return Path(make_url(self.database_url).database or "").resolve()
+        return (self.data_dir / "taskdock.db").resolve()
+
+    @property
+    def redacted_database_url(self) -> str:
+        """The database's URL as it may be shown: without its password."""
+        return make_url(self.sqlalchemy_url).render_as_string(hide_password=True)
+
+    @property
     def sqlalchemy_url(self) -> str:
         if not self.database_url:
-            return f"sqlite:///{(self.data_dir / 'taskdock.db').resolve()}"
+            return f"sqlite:///{self.sqlite_path}"
         url = make_url(self.database_url)
         if url.drivername == "postgresql":
             url = url.set(drivername="postgresql+psycopg")
@@ -231,6 +297,51 @@ class Settings(BaseSettings):
         if secrets_dir.is_dir():
             sources.append(SecretsSettingsSource(settings_cls, secrets_dir=secrets_dir))
         return tuple(sources)
+
+
+# TASKDOCK_* variables read by the container entrypoint, compose files and clients, not here.
+OTHER_VARIABLES = frozenset(
+    {
+        "SECRETS_DIR",
+        "SECRETS_PATH",
+        "MIGRATE_ON_START",
+        "WAIT_TIMEOUT",
+        "IMAGE",
+        "HTTP_BIND",
+        "HTTP_PORT",
+        "CA_BUNDLE",
+    }
+)
+
+
+def unknown_variables(
+    environ: Mapping[str, str | None], *, dotenv: Path | None = None
+) -> list[str]:
+    """A warning per TASKDOCK_* variable (environment or `.env`) that no setting reads.
+
+    pydantic-settings ignores them, so a misspelt TASKDOCK_DATABSE_URL would silently leave
+    the process on SQLite: each warning names the closest setting.
+    """
+    names = {name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    given = [key for key in environ if key.upper().startswith(ENV_PREFIX)]
+    if dotenv is not None and dotenv.is_file():
+        given += [key for key in dotenv_values(dotenv) if key.upper().startswith(ENV_PREFIX)]
+    warnings = []
+    for key in sorted(set(given)):
+        name = key.upper().removeprefix(ENV_PREFIX)
+        if name in names:
+            continue
+        close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.6)
+        hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+        warnings.append(f"unknown setting {key} is ignored{hint}")
+    return warnings
+
+
+def warn_unknown_variables() -> None:
+    """Log `unknown_variables` of this process once its logging is configured."""
+    logger = logging.getLogger("taskdock.config")
+    for warning in unknown_variables(os.environ, dotenv=Path(".env")):
+        logger.warning(warning)
 
 
 class ConfigError(SystemExit):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
 import time
@@ -15,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
+from app.core.errors import ServiceUnavailable
 
 _lock = threading.Lock()
 _engine: Engine | None = None
@@ -37,6 +40,19 @@ _ROLE_OPTIONS = {
 }
 
 
+class DatabaseFileGone(ServiceUnavailable):
+    code = "database_file_gone"
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}: restart taskdock to use a new one")
+
+
+def json_dumps(value: Any) -> str:
+    """JSON columns as JSON is defined: NaN and Infinity are refused (ValueError) when written,
+    on every database alike, instead of stored where no JSON reader can take them back."""
+    return json.dumps(value, allow_nan=False)
+
+
 def set_process_role(role: str) -> None:
     """Name this process (api, worker, dispatcher, cli) in the database's connection list."""
     global _role
@@ -57,8 +73,10 @@ def _create(settings: Settings, *, role: str) -> Engine:
             url,
             connect_args={"timeout": 30, "check_same_thread": False},
             pool_pre_ping=False,
+            json_serializer=json_dumps,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _remember_file(engine.url.database or ""))
         event.listen(engine, "begin", _sqlite_begin_immediate)
         return engine
     engine = create_engine(url, **_postgres_options(settings, role=role))
@@ -93,6 +111,7 @@ def build_async_engine(settings: Settings, *, role: str) -> AsyncEngine:
 
 def _postgres_options(settings: Settings, *, role: str) -> dict[str, Any]:
     return {
+        "json_serializer": json_dumps,
         "pool_size": settings.database_pool_size,
         "max_overflow": settings.database_max_overflow,
         # Pinged only after a pause: see _ping_after_idle.
@@ -188,6 +207,37 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# The inode of each SQLite file when this process first opened it. A file deleted (or deleted
+# and made again) under running processes leaves them writing to a file nobody will open again:
+# every task they accept would be lost at the next start.
+_sqlite_files: dict[str, int] = {}
+
+
+def _remember_file(path: str) -> Any:
+    def on_connect(_dbapi_connection: Any, _record: Any) -> None:
+        with contextlib.suppress(OSError):
+            _sqlite_files.setdefault(path, os.stat(path).st_ino)
+
+    return on_connect
+
+
+def sqlite_file_problem(path: str) -> str | None:
+    """Why the SQLite file this process writes is no longer the one at `path`, if it is not.
+
+    Only a file this process has opened can have gone: one not made yet is made at connect.
+    """
+    known = _sqlite_files.get(path)
+    if known is None:
+        return None
+    try:
+        inode = os.stat(path).st_ino
+    except FileNotFoundError:
+        return f"the database file {path} was deleted"
+    if known != inode:
+        return f"the database file {path} was replaced"
+    return None
+
+
 def _sqlite_begin_immediate(connection: Any) -> None:
     # Take the write lock at BEGIN so two processes never deadlock upgrading read locks;
     # read-only work (the health check) asks for a plain BEGIN and never waits for writers.
@@ -221,6 +271,7 @@ def reset_engine() -> None:
             _engine.dispose()
         _engine = None
         _engine_pid = None
+        _sqlite_files.clear()
 
 
 def session_factory() -> sessionmaker[Session]:
@@ -252,5 +303,10 @@ def session_scope() -> Iterator[Session]:
 
 
 def ping(engine: Engine) -> None:
+    """One round trip; on SQLite, first that the file is still the one the processes use."""
+    if engine.dialect.name == "sqlite":
+        problem = sqlite_file_problem(engine.url.database or "")
+        if problem is not None:
+            raise DatabaseFileGone(problem)
     with engine.connect().execution_options(**{READ_ONLY: True}) as connection:
         connection.execute(text("SELECT 1"))

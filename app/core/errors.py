@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -62,13 +62,24 @@ class FieldError(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx and 5xx answer; some errors add details (a task id, a status, a scope)."""
+    """Every 4xx and 5xx answer: `code` and `message`, and only where they apply, `fields` and
+    the named details below. Nothing else ever appears (tests hold every error to this)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    code: str
-    message: str
-    fields: list[FieldError] | None = None
+    code: str = Field(description="Stable, machine-readable: `task_not_found`, `quota_exceeded`…")
+    message: str = Field(description="For people; may change between versions.")
+    fields: list[FieldError] | None = Field(
+        default=None, description="Validation errors: what is wrong, and where (`loc`)."
+    )
+    task_id: str | None = Field(
+        default=None, description="The task concerned (404, or the task an Idempotency-Key names)."
+    )
+    status: str | None = Field(default=None, description="The task's status that forbids the move.")
+    scope: str | None = Field(default=None, description="The scope the API key lacks.")
+    key: str | None = Field(default=None, description="The API key asked for (admin routes).")
+    limit: str | None = Field(default=None, description="The rate limit reached.")
+    quota: int | None = Field(default=None, description="The unfinished-task quota reached.")
 
 
 def described(description: str) -> dict[str, Any]:
@@ -78,6 +89,7 @@ def described(description: str) -> dict[str, Any]:
 # Answers any /api route may give; routes add their own (404, 409, 413).
 COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: described("The body is not parseable (not JSON, not UTF-8)"),
+    415: described("The body is not sent as `Content-Type: application/json`"),
     401: described("No valid API key"),
     403: described("The API key lacks the scope"),
     413: described("Request body too large"),
@@ -119,6 +131,17 @@ _HTTP_CODES = {
 }
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def _body_error(exc: RequestValidationError) -> bool:
+    return any(tuple(error.get("loc", ()))[:1] == ("body",) for error in exc.errors())
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
@@ -129,7 +152,18 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        if content_type is not None and not _is_json(content_type) and _body_error(exc):
+            # FastAPI reads a body as JSON only when it says it is; anything else reaches the
+            # model as bytes and fails as "not an object", which names the wrong problem.
+            return JSONResponse(
+                status_code=415,
+                content=error_body(
+                    code="unsupported_media_type",
+                    message=f"Content-Type must be application/json, not {content_type[:100]!r}",
+                ),
+            )
         return JSONResponse(
             status_code=422,
             content=jsonable_encoder(

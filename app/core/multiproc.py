@@ -1,13 +1,17 @@
-"""The multiprocess directory of prometheus-client, prepared before prometheus_client is imported.
+"""The multiprocess directory of prometheus-client, set before any metric of ours exists.
 
-prometheus-client picks its storage when it is first imported, so a process group's directory
-must be in PROMETHEUS_MULTIPROC_DIR by then. This module must not import prometheus_client.
+prometheus-client picks its storage (values.ValueClass) when it is first imported, from
+PROMETHEUS_MULTIPROC_DIR. Something may import it before us: Celery loads every installed
+`celery.commands` plugin (Flower's imports prometheus_client) before it imports `-A app.worker`.
+So setting the directory also makes an already imported prometheus-client switch to it.
+This module never imports prometheus_client itself.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -24,7 +28,23 @@ def prepare_multiprocess_dir(base: Path, role: str) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     os.environ[MULTIPROC_ENV] = str(path)
+    _reselect_value_class()
     return path
+
+
+def _reselect_value_class() -> None:
+    """Make an already imported prometheus-client store new metrics in the directory just set.
+
+    prometheus-client reads PROMETHEUS_MULTIPROC_DIR only at import and offers no other way to
+    choose multiprocess mode (prometheus/client_python#886, a duplicate of #701), so this sets
+    the module attribute its import would have set. Metrics look the class up each time they
+    create a value, so every metric created from now on writes to the directory. A metric
+    created before (by the importer, e.g. Flower's own) keeps its in-process value: it was never
+    one of ours, and our metrics module is imported only after this.
+    """
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 from celery import Celery, bootsteps, signals
 from kombu.asynchronous.timer import Timer
 
-from app.core.config import Settings
+from app.core.config import Settings, warn_unknown_variables
 from app.core.logging import configure_logging
+from app.core.multiproc import MULTIPROC_ENV
+from app.db.base import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +38,15 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
         self.path: Path = parent.app.conf.taskdock_heartbeat_file
         self.tref: Any = None
         self.consumer: Any = None
+        self.record: WorkerRecorder | None = None
 
     def start(self, parent: Any) -> None:
         self.consumer = parent
+        self.record = WorkerRecorder(
+            name=str(parent.hostname),
+            queues=[queue.name for queue in parent.app.amqp.queues.consume_from.values()],
+            concurrency=int(getattr(parent.controller, "concurrency", 0) or 0),
+        )
         # The first beat when the consumer is ready ("celery@host ready."), not now: this step
         # starts before the consumer subscribes, and the first timed beat is 5 s away.
         signals.worker_ready.connect(self._on_ready, sender=parent, weak=False)
@@ -51,6 +61,8 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
             self.tref.cancel()
             self.tref = None
         self.path.unlink(missing_ok=True)
+        if self.record is not None:
+            self.record.forget()
 
     def _consuming(self) -> bool:
         """The loop runs, and it is connected and subscribed to its queues."""
@@ -71,8 +83,74 @@ class ConsumerHeartbeat(bootsteps.StartStopStep):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.touch()
+            # prometheus-client opens a file there for each new pool process: a folder deleted
+            # under the worker (its data directory, in `taskdock dev`) must exist again by then.
+            metrics_dir = os.environ.get(MULTIPROC_ENV)
+            if metrics_dir:
+                os.makedirs(metrics_dir, exist_ok=True)
         except OSError:
             logger.warning("cannot write the worker heartbeat", extra={"path": str(self.path)})
+        if self.record is not None:
+            self.record.beat()
+
+
+class WorkerRecorder:
+    """Writes this worker's row in the registry (`app.workers`) off the event loop.
+
+    The consumer's loop must not wait on the database: each beat hands the write to a thread,
+    and skips it while the previous one still runs (a database that hangs costs one thread).
+    """
+
+    def __init__(self, *, name: str, queues: list[str], concurrency: int) -> None:
+        self.name = name
+        self.queues = queues
+        self.concurrency = concurrency
+        self.started_at = utcnow()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+        self._first = True
+
+    def beat(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._thread = threading.Thread(target=self._write, name="worker-record", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        from app.core.db import session_scope
+        from app.workers import service
+
+        try:
+            with session_scope() as session:
+                if self._first:
+                    service.forget(session=session)
+                service.beat(
+                    session=session,
+                    name=self.name,
+                    queues=self.queues,
+                    concurrency=self.concurrency,
+                    pid=os.getpid(),
+                    started_at=self.started_at,
+                )
+        except Exception as exc:
+            if not self._failing:
+                logger.warning("cannot record the worker", extra={"reason": str(exc)[:200]})
+            self._failing = True
+            return
+        self._first = self._failing = False
+
+    def forget(self) -> None:
+        """A worker that stops takes its row with it; a killed one's row goes stale."""
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        from app.core.db import session_scope
+        from app.workers import service
+
+        try:
+            with session_scope() as session:
+                service.forget(session=session, name=self.name)
+        except Exception as exc:
+            logger.warning("cannot remove the worker's record", extra={"reason": str(exc)[:200]})
 
 
 def sweep_cancelled(timer: Timer) -> int:
@@ -131,6 +209,7 @@ def install_worker_hooks(app: Celery, settings: Settings) -> None:
     def _logging(**_: Any) -> None:
         # Connecting this signal stops Celery from configuring logging its own way.
         configure_logging(level=settings.log_level, fmt=settings.log_format)
+        warn_unknown_variables()
 
     @signals.worker_init.connect(weak=False)
     def _serve_metrics(**_: Any) -> None:
@@ -141,14 +220,21 @@ def install_worker_hooks(app: Celery, settings: Settings) -> None:
         from app.core.metrics import collecting_registry
 
         try:
-            start_http_server(settings.worker_metrics_port, registry=collecting_registry())
+            start_http_server(
+                settings.worker_metrics_port,
+                addr=settings.worker_metrics_host,
+                registry=collecting_registry(),
+            )
         except OSError as exc:
             logger.warning(
                 "worker metrics not served",
                 extra={"port": settings.worker_metrics_port, "reason": str(exc)},
             )
             return
-        logger.info("worker metrics served", extra={"port": settings.worker_metrics_port})
+        logger.info(
+            "worker metrics served",
+            extra={"host": settings.worker_metrics_host, "port": settings.worker_metrics_port},
+        )
 
     @signals.worker_process_init.connect(weak=False)
     def _pool_process_up(**_: Any) -> None:

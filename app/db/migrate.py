@@ -36,6 +36,13 @@ def downgrade(engine: Engine, revision: str) -> None:
     _run(engine, lambda config: command.downgrade(config, revision))
 
 
+def head() -> str | None:
+    """The newest revision this code knows."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def current(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

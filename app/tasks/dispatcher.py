@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from app.core.config import Settings
 from app.core.db import get_engine, session_scope
 from app.tasks import lifecycle, service
-from app.tasks.publisher import send
+from app.tasks.publisher import queue_depths, send
 from app.tasks.registry import UnknownTaskType, get_task_type
 
 logger = logging.getLogger(__name__)
+
+# pg_try_advisory_xact_lock's key for the lost-message sweep; any constant, the same everywhere.
+LOST_SWEEP_LOCK = 0x7A5D0C4C
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Dispatcher:
         engine = get_engine()
         self.lock_rows = engine.dialect.name == "postgresql"
         self._last_sweep = 0.0
+        self._last_lost_sweep = 0.0
         self._stop = threading.Event()
         self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
         # Without the API's own publish there is nothing to wait for: fresh rows are ours.
@@ -69,9 +73,6 @@ class Dispatcher:
                 )
                 report.requeued = reaped.requeued
                 report.failed = reaped.worker_lost + reaped.timed_out
-                report.republished = lifecycle.forget_stale_publications(
-                    session=session, older_than=self.settings.republish_after_seconds
-                )
         except Exception as exc:
             report.errors.append(f"sweep: {exc}")
             logger.warning("lease sweep failed", exc_info=True)
@@ -80,6 +81,36 @@ class Dispatcher:
             logger.warning(
                 "expired leases reaped",
                 extra={"requeued": report.requeued, "failed": report.failed},
+            )
+        # It counts every waiting row and asks the broker about each queue: not every tick.
+        now = time.monotonic()
+        if now - self._last_lost_sweep >= self.settings.republish_after_seconds / 3:
+            self._last_lost_sweep = now
+            self._recover_lost_messages(report)
+
+    def _recover_lost_messages(self, report: TickReport) -> None:
+        """Publish again what the broker lost (a flushed or restarted Redis), and only that."""
+        try:
+            with session_scope() as session:
+                # Several dispatchers would each see the same shortfall: one sweeps at a time.
+                if self.lock_rows and not session.scalar(
+                    text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": LOST_SWEEP_LOCK}
+                ):
+                    return
+                report.republished = lifecycle.forget_lost_publications(
+                    session=session,
+                    older_than=self.settings.republish_after_seconds,
+                    held=lambda queues: queue_depths(self.celery_app, queues),
+                )
+        except Exception as exc:
+            # Without the broker's count nothing is sent again: the outbox keeps the rows.
+            report.errors.append(f"lost-message sweep: {exc}")
+            logger.warning("lost-message sweep skipped", extra={"reason": str(exc)[:200]})
+            return
+        if report.republished:
+            logger.warning(
+                "messages missing from the broker; publishing again",
+                extra={"count": report.republished},
             )
 
     def hard_limit(self, type_: str) -> float:

@@ -2,18 +2,39 @@
 
 Every write is a conditional UPDATE fenced by (attempt, delivery): a stale run, a late
 redelivery or a cancelled task changes nothing.
+
+Durability, on PostgreSQL: the worker's connections commit without waiting for the WAL flush
+(app.core.db), so a database crash may forget a claim or a lease renewal. That costs nothing:
+the run's later writes accept a row whose claim was forgotten (waiting, one delivery short) as
+theirs and put the claim back. A run's outcome is different: the broker's message is
+acknowledged right after it, and an outcome forgotten then would leave the task waiting for the
+lost-message sweep. So the outcome writes alone wait for the flush (`_durable`), in the same
+round trip.
 """
 
 from __future__ import annotations
 
 import traceback as tb
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import (
+    Integer,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    exists,
+    func,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from app.db.base import UTCDateTime, utcnow
@@ -81,20 +102,48 @@ _CLAIM = (
     )
     .returning(_c.deliveries, _c.type, _c.payload, _c.max_attempts, _c.run_after)
 )
-_SUCCEED = (
+_delivery = bindparam("b_delivery", type_=Integer())
+# This run's row: claimed by it, or still waiting where a database crash forgot the claim.
+_ours = or_(
+    and_(_c.status == TaskStatus.RUNNING.value, _c.deliveries == _delivery),
+    and_(_c.status.in_(sorted(state.value for state in WAITING)), _c.deliveries == _delivery - 1),
+)
+# PostgreSQL: this transaction's commit waits for the WAL flush, whatever the connection's
+# synchronous_commit. Set by the statement itself, so it costs no round trip; the EXISTS makes
+# PostgreSQL evaluate it before it writes any row.
+_DURABLE = select(func.set_config("synchronous_commit", "on", true()).label("on")).cte("durable")
+
+
+def _durable(statement: Update) -> Update:
+    return statement.add_cte(_DURABLE).where(exists(select(_DURABLE.c.on)))
+
+
+def _for_dialect(statement: Update) -> dict[str, Update]:
+    return {"postgresql": _durable(statement), "sqlite": statement}
+
+
+_SUCCEED = _for_dialect(
     update(_table)
-    .where(
-        _this_attempt,
-        _c.deliveries == bindparam("b_delivery"),
-        _c.status == TaskStatus.RUNNING.value,
-    )
+    .where(_this_attempt, _ours)
     .values(
         status=TaskStatus.SUCCEEDED.value,
+        deliveries=_delivery,
         result=bindparam("b_result", type_=_c.result.type),
         error=None,
         finished_at=_now,
         updated_at=_now,
         lease_expires_at=None,
+    )
+)
+# Extends the lease, and puts back a claim the database forgot.
+_RENEW = (
+    update(_table)
+    .where(_this_attempt, _ours)
+    .values(
+        status=TaskStatus.RUNNING.value,
+        deliveries=_delivery,
+        lease_expires_at=bindparam("b_lease", type_=UTCDateTime()),
+        updated_at=_now,
     )
 )
 
@@ -127,39 +176,28 @@ def claim(
     )
 
 
-def _fenced(claim: Claim) -> Any:
-    return and_(
-        Task.id == claim.task_id,
-        Task.attempt == claim.attempt,
-        Task.deliveries == claim.delivery,
-        Task.status == TaskStatus.RUNNING.value,
-    )
+def _fence(claim: Claim) -> dict[str, Any]:
+    return {"b_id": claim.task_id, "b_attempt": claim.attempt, "b_delivery": claim.delivery}
 
 
 def renew_lease(*, session: Session, claim: Claim, lease_seconds: float) -> bool:
     """Extend this run's lease; False means the run lost the task (cancelled or reaped)."""
     now = utcnow()
     result = session.execute(
-        update(Task)
-        .where(_fenced(claim))
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
-        .execution_options(synchronize_session=False)
+        _RENEW, {**_fence(claim), "b_now": now, "b_lease": now + timedelta(seconds=lease_seconds)}
     )
     return rowcount(result) == 1
 
 
 def succeed(*, session: Session, claim: Claim, result: Any) -> bool:
     outcome = session.execute(
-        _SUCCEED,
-        {
-            "b_id": claim.task_id,
-            "b_attempt": claim.attempt,
-            "b_delivery": claim.delivery,
-            "b_result": result,
-            "b_now": utcnow(),
-        },
+        _SUCCEED[_dialect(session)], {**_fence(claim), "b_result": result, "b_now": utcnow()}
     )
     return rowcount(outcome) == 1
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def fail(
@@ -183,18 +221,17 @@ def fail(
     else:
         values = {
             "status": TaskStatus.FAILED.value,
+            "deliveries": claim.delivery,
             "error": error,
             "finished_at": now,
             "updated_at": now,
             "lease_expires_at": None,
         }
         target = TaskStatus.FAILED
-    outcome = session.execute(
-        update(Task)
-        .where(_fenced(claim))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
+    statement = update(_table).where(_this_attempt, _ours).values(**values)
+    if _dialect(session) == "postgresql":
+        statement = _durable(statement)
+    outcome = session.execute(statement, _fence(claim))
     return target if rowcount(outcome) == 1 else None
 
 
@@ -271,17 +308,52 @@ def _failed(now: datetime, kind: str, message: str) -> dict[str, Any]:
     }
 
 
-def forget_stale_publications(*, session: Session, older_than: float) -> int:
-    """Waiting rows published long ago and never claimed: the message may be lost (a flushed
-    broker). Publishing again is safe, since a duplicate message finds the task taken."""
-    cutoff = utcnow() - timedelta(seconds=older_than)
-    result = session.execute(
-        update(Task)
-        .where(Task.status.in_([state.value for state in WAITING]), Task.published_at < cutoff)
-        .values(published_at=None)
-        .execution_options(synchronize_session=False)
-    )
-    return rowcount(result)
+def forget_lost_publications(
+    *, session: Session, older_than: float, held: Callable[[list[str]], Mapping[str, int]]
+) -> int:
+    """Hand back to the outbox the waiting rows whose message the broker no longer holds.
+
+    A published, waiting row should have one message in its queue. `held(queues)` says how
+    many each queue holds, read after the record: a message published in between can only hide
+    a loss until the next sweep, never cause a duplicate. Where a queue holds fewer than the
+    record expects, the shortfall (and no more) of rows published over `older_than` seconds
+    ago, oldest publication first, is published again. A queue that merely waits for a worker
+    holds every message, and nothing is sent twice: a backlog never grows the broker's queue.
+    Which rows lost their message cannot be told, so one still held may be sent again (the
+    duplicate finds the task taken); the one really lost comes up in a later sweep, since each
+    republished row moves to the back. Messages a worker holds unacknowledged count as missing:
+    at most a few duplicates.
+    """
+    now = utcnow()
+    waiting = [state.value for state in WAITING]
+    expected = session.execute(
+        select(Task.queue, func.count())
+        .where(Task.status.in_(waiting), Task.published_at.is_not(None))
+        .group_by(Task.queue)
+    ).all()
+    if not expected:
+        return 0
+    depths = held(sorted(queue for queue, _ in expected))
+    cutoff = now - timedelta(seconds=older_than)
+    forgotten = 0
+    for queue, count in expected:
+        missing = int(count) - depths.get(queue, 0)
+        if missing <= 0:
+            continue
+        oldest = (
+            select(Task.id)
+            .where(Task.status.in_(waiting), Task.queue == queue, Task.published_at < cutoff)
+            .order_by(Task.published_at)
+            .limit(missing)
+        )
+        result = session.execute(
+            update(Task)
+            .where(Task.id.in_(oldest), Task.status.in_(waiting))
+            .values(published_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        forgotten += rowcount(result)
+    return forgotten
 
 
 def due_unpublished(*, session: Session, limit: int, grace: float, lock: bool) -> list[Task]:

@@ -1,4 +1,8 @@
-"""Ring the doorbell: tell the broker that a committed record is ready, by id and attempt."""
+"""Ring the doorbell: tell the broker that a committed record is ready, by id and attempt.
+
+Every message runs the one job `taskdock.execute` with the keyword arguments task_id and
+attempt; Celery's `shadow` names it after the task type in logs, events and `celery inspect`.
+"""
 
 from __future__ import annotations
 
@@ -46,15 +50,21 @@ def send(app: Celery, bell: Doorbell, *, connection: Any = None) -> None:
     broker = app.conf.broker_url.split("://", 1)[0]
     # Redis sorts priority 0 first, RabbitMQ 9 first; the API speaks RabbitMQ's language.
     priority = 9 - bell.priority if broker.startswith("redis") else bell.priority
+    task_id = str(bell.task_id)
     app.send_task(
         JOB_NAME,
-        args=(str(bell.task_id), bell.attempt),
+        kwargs={"task_id": task_id, "attempt": bell.attempt},
         queue=bell.queue,
         priority=priority,
         task_id=message_id(bell.task_id, bell.attempt),
         retry=False,
         connection=connection,
         headers={"taskdock_type": bell.type, "taskdock_request_id": bell.request_id},
+        # What Flower, `celery inspect` and `celery events` show: the task type's name and the
+        # taskdock id. Given here, Celery does not build them with its (slower) saferepr.
+        shadow=bell.type,
+        argsrepr="()",
+        kwargsrepr=f"{{'task_id': '{task_id}', 'attempt': {bell.attempt}}}",
         **options,
     )
 
@@ -103,3 +113,22 @@ class Publisher:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def queue_depths(app: Celery, queues: list[str], *, timeout: int = 1) -> dict[str, int]:
+    """Messages ready in each broker queue (not those a worker holds unacknowledged).
+
+    Raises when the broker does not answer within `timeout`; a queue the broker does not know
+    (never declared, or on Redis emptied and so deleted) holds 0.
+    """
+    depths: dict[str, int] = {}
+    with app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=0, timeout=timeout)
+        channel: Any = connection.default_channel
+        for queue in queues:
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])
+            except connection.channel_errors:
+                depths[queue] = 0
+                channel = connection.channel()
+    return depths

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,8 +147,14 @@ def known_queues(extra: list[str]) -> set[str]:
 
 
 def load_task_modules(modules: list[str]) -> None:
-    """Import the built-in task types and every user module named in settings."""
+    """Import the built-in task types and every user module named in settings.
+
+    Modules in the current directory import as they do for `celery -A` and `uvicorn`: the
+    `taskdock` script's own folder, not the one it runs in, is first on sys.path.
+    """
     importlib.import_module("app.tasks.builtin")
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for module in modules:
         try:
             importlib.import_module(module)

@@ -8,12 +8,20 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
+from sqlalchemy.orm import Session
 
 from app.core import metrics
 from app.core.config import Settings
@@ -33,6 +41,19 @@ class Outcome(StrEnum):
     STALE = "stale"  # the message was for a finished, cancelled, held or older attempt
     LOST = "lost"  # the run lost its lease while running; its result was discarded
 
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How one delivery ended; a failure carries the error written to the record and its cause."""
+
+    outcome: Outcome
+    error: dict[str, Any] | None = None
+    cause: BaseException | None = None
+    retry_in: float | None = None  # RETRYING: seconds until the next attempt is due
+
+
+# The endings without an error, made once: most deliveries end in one of these.
+_ENDED = {outcome: Ended(outcome) for outcome in Outcome}
 
 _OUTCOME_COUNTERS = {
     Outcome.SUCCEEDED: metrics.TASKS_SUCCEEDED,
@@ -116,7 +137,7 @@ class LeaseRenewer:
 _renewer = LeaseRenewer()
 
 
-def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings) -> Outcome:
+def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings) -> Ended:
     with session_scope() as session:
         claim = lifecycle.claim(
             session=session,
@@ -127,7 +148,7 @@ def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings
         )
     if claim is None:
         logger.info("stale delivery skipped")
-        return Outcome.STALE
+        return _ENDED[Outcome.STALE]
     token = log_context.set(
         {**(log_context.get() or {}), "task_type": claim.type, "attempt": attempt}
     )
@@ -137,27 +158,24 @@ def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings
     )
     started = time.perf_counter()
     try:
-        outcome = _run(claim=claim, settings=settings)
+        ended = _run(claim=claim, settings=settings)
     finally:
         log_context.reset(token)
     metrics.TASK_RUN_SECONDS.labels(claim.type).observe(time.perf_counter() - started)
-    counter = _OUTCOME_COUNTERS.get(outcome)
+    counter = _OUTCOME_COUNTERS.get(ended.outcome)
     if counter is not None:
         counter.labels(claim.type).inc()
-    return outcome
+    return ended
 
 
-def _run(*, claim: lifecycle.Claim, settings: Settings) -> Outcome:
+def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
     if claim.delivery > settings.task_max_deliveries:
         # Every earlier delivery of this attempt died with its worker: a poison task.
+        reason = f"the worker was lost {claim.delivery - 1} times running this attempt"
         with session_scope() as session:
-            lifecycle.give_up(
-                session=session,
-                claim=claim,
-                reason=f"the worker was lost {claim.delivery - 1} times running this attempt",
-            )
+            lifecycle.give_up(session=session, claim=claim, reason=reason)
         logger.error("poison task failed after repeated worker loss")
-        return Outcome.FAILED
+        return Ended(Outcome.FAILED, error={"type": "WorkerLost", "message": reason})
 
     try:
         task_type = get_task_type(claim.type)
@@ -167,41 +185,105 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Outcome:
     ctx = TaskContext(task_id=str(claim.task_id), attempt=claim.attempt, delivery=claim.delivery)
     logger.info("task started")
     try:
-        with _renewer.hold(claim=claim, ctx=ctx, lease_seconds=settings.task_lease_seconds):
-            payload = task_type.validate_payload(claim.payload)
-            result = task_type.dump_result(task_type.func(payload, ctx))
+        payload = task_type.validate_payload(claim.payload)
     except ValidationError as exc:
-        # Bad input never gets better by retrying.
+        # The payload the record holds does not fit the type: no run makes it fit.
         return _record_failure(claim=claim, exc=exc, task_type=None)
+    try:
+        with _renewer.hold(claim=claim, ctx=ctx, lease_seconds=settings.task_lease_seconds):
+            # The task's own exceptions, a ValidationError of data it fetched included, follow
+            # its retry policy.
+            value = task_type.func(payload, ctx)
     except Exception as exc:
         if ctx.cancelled:
-            return Outcome.LOST
-        return _record_failure(claim=claim, exc=exc, task_type=task_type)
+            return _ENDED[Outcome.LOST]
+        return _record_failure(
+            claim=claim, exc=exc, task_type=task_type, patience=settings.task_lease_seconds
+        )
     if ctx.cancelled:
         logger.info("result discarded: the run lost its lease")
-        return Outcome.LOST
-    with session_scope() as session:
-        written = lifecycle.succeed(session=session, claim=claim, result=result)
+        return _ENDED[Outcome.LOST]
+    try:
+        result = task_type.dump_result(value)
+        written = _write_outcome(
+            lambda session: lifecycle.succeed(session=session, claim=claim, result=result),
+            patience=settings.task_lease_seconds,
+        )
+    except (StatementError, TypeError, ValueError) as exc:
+        # A result its output model refuses (pydantic's ValidationError is a ValueError), or one
+        # JSON cannot hold (bytes, NaN), refused by SQLAlchemy or by the driver as it encodes
+        # it: the same code would return the same value again, so the task fails now.
+        if isinstance(exc, DBAPIError) and not isinstance(exc, DataError):
+            raise  # the database is away, not the value: the message goes back (jobs.py)
+        cause = exc.orig if isinstance(exc, StatementError) and exc.orig else exc
+        return _record_failure(
+            claim=claim,
+            exc=cause,
+            task_type=None,
+            context="the result cannot be stored",
+            patience=settings.task_lease_seconds,
+        )
     if not written:
         logger.info("result discarded: a newer run or a cancel owns the record")
-        return Outcome.LOST
+        return _ENDED[Outcome.LOST]
     logger.info("task succeeded")
-    return Outcome.SUCCEEDED
+    return _ENDED[Outcome.SUCCEEDED]
+
+
+T = TypeVar("T")
+OUTCOME_RETRY_PAUSE = 0.25
+
+
+def _write_outcome(write: Callable[[Session], T], *, patience: float) -> T:
+    """Write a run's outcome, waiting up to `patience` seconds for a database that is away.
+
+    The run is done and its result is in hand: a database restart must not throw it away.
+    Handing the message back instead (jobs.py does, once patience runs out) would find the
+    record still RUNNING under this run's lease, and the task would wait for the reaper.
+    """
+    deadline = time.monotonic() + patience
+    pause = OUTCOME_RETRY_PAUSE
+    while True:
+        try:
+            with session_scope() as session:
+                return write(session)
+        except (OperationalError, InterfaceError) as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            logger.warning(
+                "database unavailable; the outcome is written when it answers",
+                extra={"reason": str(exc).splitlines()[0][:200]},
+            )
+            time.sleep(pause)
+            pause = min(pause * 2, 4.0)
 
 
 def _record_failure(
-    *, claim: lifecycle.Claim, exc: BaseException, task_type: TaskType | None
-) -> Outcome:
+    *,
+    claim: lifecycle.Claim,
+    exc: BaseException,
+    task_type: TaskType | None,
+    context: str | None = None,
+    patience: float = 0.0,
+) -> Ended:
+    """Write the failed run; retried only when `task_type`'s policy covers `exc`."""
     retry_in: float | None = None
     if task_type is not None and isinstance(exc, task_type.retry.retry_on):
         retry_in = task_type.retry.delay(claim.attempt)
     error: dict[str, Any] = lifecycle.error_record(exc)
-    with session_scope() as session:
-        status = lifecycle.fail(session=session, claim=claim, error=error, retry_in=retry_in)
+    if context:
+        error["message"] = f"{context}: {error['message']}"[: lifecycle.MESSAGE_LIMIT]
+    status = _write_outcome(
+        lambda session: lifecycle.fail(
+            session=session, claim=claim, error=error, retry_in=retry_in
+        ),
+        patience=patience,
+    )
     if status is None:
-        return Outcome.LOST
+        return _ENDED[Outcome.LOST]
     logger.warning(
         "task failed",
         extra={"error_type": error["type"], "will_retry": status.value == "RETRYING"},
     )
-    return Outcome.RETRYING if status.value == "RETRYING" else Outcome.FAILED
+    outcome = Outcome.RETRYING if status.value == "RETRYING" else Outcome.FAILED
+    return Ended(outcome, error=error, cause=exc, retry_in=retry_in)

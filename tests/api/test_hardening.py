@@ -29,8 +29,8 @@ def make_client(
     [
         (b"[" * 200_000 + b"]" * 200_000, "application/json", 400),  # nested 200,000 deep
         (b"\xff\xfe\x00garbage", "application/json", 422),
-        (b"type=process_data", "application/x-www-form-urlencoded", 422),
-        (b'{"type": "process_data", "payload": {"user_id": 1, "data": "x"}}', "text/plain", 422),
+        (b"type=process_data", "application/x-www-form-urlencoded", 415),
+        (b'{"type": "process_data", "payload": {"user_id": 1, "data": "x"}}', "text/plain", 415),
         (b'{"type": "' + b"x" * 900_000 + b'"}', "application/json", 422),
     ],
 )
@@ -42,7 +42,7 @@ def test_malformed_bodies_are_4xx_never_5xx(
     )
 
     assert response.status_code == status, response.text
-    assert response.json()["code"] in {"validation_error", "bad_request"}
+    assert response.json()["code"] in {"validation_error", "bad_request", "unsupported_media_type"}
 
 
 def rss_kib(pid: int) -> int:
@@ -135,3 +135,72 @@ def test_docs_are_off_in_production(tmp_path: Path, configure: object) -> None:
     ) as client:
         codes = [client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")]
     assert codes == [404, 404, 404]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_not_sent_as_json_names_the_content_type(
+    embedded_client: TestClient, content_type: str
+) -> None:
+    """curl -d without -H 'content-type: application/json' sends a form: say so."""
+    body = b'{"type": "process_data", "payload": {"user_id": 1, "data": "x"}}'
+    response = embedded_client.post(
+        "/api/v1/tasks", content=body, headers={"content-type": content_type}
+    )
+
+    assert response.status_code == 415, response.text
+    assert response.json()["code"] == "unsupported_media_type"
+    assert "Content-Type must be application/json" in response.json()["message"]
+    assert content_type in response.json()["message"]
+    # JSON with a charset, or a +json type, is JSON.
+    for json_type in ("application/json; charset=utf-8", "application/vnd.api+json"):
+        accepted = embedded_client.post(
+            "/api/v1/tasks", content=body, headers={"content-type": json_type}
+        )
+        assert accepted.status_code == 202, accepted.text
+
+
+def test_every_error_has_the_one_documented_shape(embedded_client: TestClient) -> None:
+    from app.core.errors import ErrorBody
+
+    key = {"Idempotency-Key": "shape-1"}
+    first = embedded_client.post(
+        "/api/v1/tasks", json={"type": "sleep", "payload": {"seconds": 0}}, headers=key
+    )
+    queued = embedded_client.post(
+        "/api/v1/tasks", json={"type": "sleep", "payload": {"seconds": 0}, "countdown": 600}
+    ).json()
+    assert embedded_client.post(f"/api/v1/tasks/{queued['id']}/cancel").status_code == 200
+    answers = {
+        "unknown task": embedded_client.get("/api/v1/tasks/00000000-0000-0000-0000-000000000000"),
+        "unknown route": embedded_client.get("/api/v1/nothing-here"),
+        "wrong method": embedded_client.delete("/api/v1/tasks"),
+        "key reused": embedded_client.post(
+            "/api/v1/tasks", json={"type": "sleep", "payload": {"seconds": 1}}, headers=key
+        ),
+        "cancel twice": embedded_client.post(f"/api/v1/tasks/{queued['id']}/cancel"),
+        "form body": embedded_client.post(
+            "/api/v1/tasks",
+            content=b"a=1",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        ),
+        "bad payload": embedded_client.post(
+            "/api/v1/tasks", json={"type": "process_data", "payload": {"user_id": "x"}}
+        ),
+    }
+
+    statuses = {name: response.status_code for name, response in answers.items()}
+    assert statuses == {
+        "unknown task": 404,
+        "unknown route": 404,
+        "wrong method": 405,
+        "key reused": 409,
+        "cancel twice": 409,
+        "form body": 415,
+        "bad payload": 422,
+    }
+    for name, response in answers.items():
+        body = ErrorBody.model_validate(response.json())  # extra members are refused
+        assert body.code, name
+        assert body.message, name
+    assert answers["key reused"].json()["task_id"] == first.json()["id"]
+    assert answers["cancel twice"].json()["status"] == "CANCELLED"

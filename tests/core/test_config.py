@@ -138,3 +138,34 @@ def test_broker_password_is_quoted_into_the_url(
     monkeypatch.setenv("TASKDOCK_BROKER_PASSWORD", "p@ss/w:rd%")
 
     assert Settings().celery_broker_url == "amqp://taskdock:p%40ss%2Fw%3Ard%25@mq:5672//"
+
+
+def test_unknown_variables_are_named_with_the_closest_setting(clean_env: Path) -> None:
+    from app.core.config import unknown_variables
+
+    (clean_env / ".env").write_text("TASKDOCK_LOG_LEVL=DEBUG\nTASKDOCK_API_PORT=9000\n")
+    environ = {
+        "TASKDOCK_DATABSE_URL": "postgresql://db/x",
+        "TASKDOCK_API_HOST": "0.0.0.0",
+        "TASKDOCK_MIGRATE_ON_START": "1",  # the container entrypoint's, not a setting
+        "TASKDOCK_ZZZ": "1",
+        "PATH": "/bin",
+    }
+
+    warnings = unknown_variables(environ, dotenv=clean_env / ".env")
+
+    assert warnings == [
+        "unknown setting TASKDOCK_DATABSE_URL is ignored; did you mean TASKDOCK_DATABASE_URL?",
+        "unknown setting TASKDOCK_LOG_LEVL is ignored; did you mean TASKDOCK_LOG_LEVEL?",
+        "unknown setting TASKDOCK_ZZZ is ignored",
+    ]
+
+
+def test_a_misspelt_variable_is_warned_by_the_process(tmp_path: Path) -> None:
+    env = base_env(tmp_path / "data", TASKDOCK_DATABSE_URL="postgresql://db/x")
+    assert taskdock("migrate", env=env).returncode == 0
+
+    result = taskdock("status", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert "did you mean TASKDOCK_DATABASE_URL?" in result.stdout + result.stderr

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,69 @@ def test_no_message_is_lost_between_processes(tmp_path: Path) -> None:
     errors = [item for item in received if isinstance(item, dict)]
     assert errors == []
     assert sorted(received) == list(range(1500))
+
+
+def fs_connection(tmp_path: Path) -> Connection:
+    for name in ("queue", "control"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    options = {
+        "data_folder_in": str(tmp_path / "queue"),
+        "data_folder_out": str(tmp_path / "queue"),
+        "control_folder": str(tmp_path / "control"),
+    }
+    return Connection(
+        "filesystem://localhost/",
+        transport="app.core.fsbroker:Transport",
+        transport_options=options,
+    )
+
+
+@pytest.mark.parametrize("kind", ["topic", "fanout"])
+def test_a_monitors_event_queue_expires_once_nobody_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # Flower and `celery events` each bind a queue of their own to Celery's event exchange (a
+    # topic exchange; workers' control queues are on a fanout one), with an expiry. A stopped
+    # monitor's queue must not collect every event for ever.
+    from kombu import Exchange, Queue
+
+    from app.core import fsbroker
+
+    monkeypatch.setattr(fsbroker, "MARK_INTERVAL", 0.1)
+    events = Exchange(f"events-{kind}", type=kind)
+    with fs_connection(tmp_path) as monitor, fs_connection(tmp_path) as worker:
+        expiring = Queue("events.monitor", events, routing_key="#", expires=1.0, auto_delete=True)
+        expiring = expiring(monitor.channel())
+        expiring.declare()
+        lasting = Queue("events.keeper", events, routing_key="#")(monitor.channel())
+        lasting.declare()
+        producer = worker.Producer()
+
+        def publish(n: int) -> None:
+            producer.publish({"n": n}, exchange=events, routing_key="task.sent", declare=[events])
+
+        def queued(queue: str) -> int:
+            return len(list((tmp_path / "queue").glob(f"*.{queue}.msg")))
+
+        publish(1)
+        message = expiring.get(no_ack=True)
+        assert message is not None
+        assert message.payload == {"n": 1}
+
+        time.sleep(1.3)  # the monitor reads nothing for longer than its queue's expiry
+        publish(2)
+        publish(3)
+        assert queued("events.monitor") == 0
+        assert queued("events.keeper") == 3  # no expiry: kept, whoever reads it
+        assert (
+            "events.monitor" not in (tmp_path / "control" / f"events-{kind}.exchange").read_text()
+        )
+        assert not (tmp_path / "control" / "events.monitor.expires").exists()
+
+        # A monitor that was only paused reads again: it is bound again, as after a redeclare.
+        time.sleep(0.2)
+        assert expiring.get(no_ack=True) is None
+        publish(4)
+        message = expiring.get(no_ack=True)
+        assert message is not None
+        assert message.payload == {"n": 4}

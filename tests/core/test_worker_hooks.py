@@ -15,6 +15,7 @@ def heartbeat(tmp_path: Path, consumer: object) -> ConsumerHeartbeat:
     step.path = tmp_path / "worker.heartbeat"
     step.tref = None
     step.consumer = consumer
+    step.record = None
     return step
 
 

@@ -11,7 +11,7 @@ from tests.deploy.support import K8S, OVERLAYS, Object, keda_overlay, render
 
 @pytest.fixture(scope="session")
 def rendered() -> dict[str, list[Object]]:
-    """Every overlay, and production with the KEDA component, as the README renders them."""
+    """Every overlay, and production with the KEDA component, as the docs render them."""
     return {name: render(K8S / "overlays" / name) for name in OVERLAYS}
 
 

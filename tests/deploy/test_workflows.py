@@ -1,4 +1,4 @@
-"""The GitHub workflows, Dependabot and pre-commit: valid, linted, doing what the README says."""
+"""The GitHub workflows, Dependabot and pre-commit: valid, linted, doing what the docs say."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_ci_runs_every_gate() -> None:
     ci = load(GITHUB / "workflows" / "ci.yml")
     assert {"pull_request", "workflow_call"} <= set(ci["on"])
     commands = "\n".join(step.get("run", "") for step in steps(ci))
-    for target in ("lint", "hadolint", "k8s-check", "test", "e2e"):
+    for target in ("lint", "docs-build", "hadolint", "k8s-check", "test", "e2e"):
         assert re.search(rf"\bmake {target}\b", commands), target
     # The Makefile targets CI calls run the linters and the coverage gate.
     makefile = (ROOT / "Makefile").read_text()
@@ -137,7 +137,7 @@ def test_deploy_runs_behind_an_environment_and_can_roll_back() -> None:
     choice = deploy["on"]["workflow_dispatch"]["inputs"]["environment"]
     assert choice["options"] == ["staging", "production"]
     (job,) = deploy["jobs"].values()
-    # Required reviewers are a setting of the GitHub environment "production" (README, CI/CD).
+    # Required reviewers: a setting of the GitHub environment "production" (docs/deploy/ci-cd.md).
     assert job["environment"]["name"] == "${{ inputs.environment }}"
     (checkout,) = [s for s in job["steps"] if s.get("uses", "").startswith("actions/checkout")]
     assert checkout["with"]["ref"] == "${{ inputs.ref }}"

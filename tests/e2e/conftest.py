@@ -25,7 +25,7 @@ def docker_ready() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def images(docker_ready: None) -> None:
-    """The local base, the test stand-ins and the application image, built as the README says."""
+    """The local base, the test stand-ins and the application image, built as the docs say."""
     harness.build_base_image()
     harness.build_stand_ins()
     harness.build_app_image()

@@ -308,7 +308,7 @@ def free_port() -> int:
 
 
 def write_secrets(directory: Path) -> None:
-    """Random secrets for this run only, made by the script the README gives operators."""
+    """Random secrets for this run only, made by the script the docs give operators."""
     run(["bash", "scripts/make-secrets.sh", str(directory)])
 
 

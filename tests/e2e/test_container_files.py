@@ -178,3 +178,37 @@ def longest_run() -> float:
     load_task_modules([])
     settings = Settings()
     return max_time_limit(settings) + settings.task_hard_limit_grace
+
+
+def test_flower_runs_only_with_its_profile_behind_nginx_and_a_password() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    flower = services["flower"]
+    assert flower["profiles"] == ["flower"]
+    assert "ports" not in flower  # reached through nginx only
+    assert "edge" in flower["networks"]
+    assert flower["build"]["target"] == "flower"
+    script = " ".join(flower["command"])
+    assert 'FLOWER_BASIC_AUTH="flower:$$(cat /run/secrets/flower_password)"' in script
+    assert "--url_prefix=flower" in script
+    assert "flower_password" in flower["secrets"]
+    assert "flower_password" in (ROOT / "scripts" / "make-secrets.sh").read_text()
+    assert "flower" in yaml.safe_load(PRODUCTION.read_text())["services"]
+    # Events for it are a setting of every role, off unless asked.
+    assert "--task-events" not in services["worker"]["command"]
+    env = (ROOT / "deploy" / "taskdock.env").read_text().splitlines()
+    assert "TASKDOCK_WORKER_EVENTS=false" in env
+
+    # nginx resolves Flower per request, so it starts (and answers 502) without the profile.
+    nginx = (ROOT / "docker" / "nginx.conf").read_text()
+    location = re.search(r"location /flower/ \{(.*?)\n        \}", nginx, re.DOTALL)
+    assert location is not None
+    assert "resolver 127.0.0.11" in location.group(1)
+    assert "set $flower_upstream http://flower:5555;" in location.group(1)
+    assert "proxy_pass $flower_upstream;" in location.group(1)
+
+    # Flower is in its own image stage, never in the application's dependencies.
+    all_stages = stages(DOCKERFILE.read_text())
+    assert all_stages["flower"]["from"] == "runtime"
+    assert effective_user(all_stages, "flower") == "1001:1001"
+    assert not re.search(r"^flower==", (ROOT / "requirements.lock").read_text(), re.MULTILINE)
+    assert re.search(r"^flower==", (ROOT / "requirements-dev.lock").read_text(), re.MULTILINE)

@@ -248,9 +248,10 @@ def test_worker_finishes_its_task_on_sigterm(stack: Stack, client: TestClient) -
     assert done["deliveries"] == 1
 
 
-def test_plain_celery_command_runs_tasks(
+def test_plain_celery_command_runs_tasks_of_every_queue(
     embedded_env: dict[str, str], embedded_client: TestClient, tmp_path: Path
 ) -> None:
+    """Without -Q a worker consumes every registered queue, not only `default`."""
     heartbeat = tmp_path / "celery.heartbeat"
     with running_stack(embedded_env, tmp_path / "logs") as stack:
         stack.spawn(
@@ -262,8 +263,15 @@ def test_plain_celery_command_runs_tasks(
         task = submit(
             embedded_client, {"type": "process_data", "payload": {"user_id": 5, "data": "x"}}
         )
+        side = submit(embedded_client, {"type": "tests.side", "payload": {"value": 3}})
 
         assert wait_status(embedded_client, task["id"], FINISHED)["status"] == "SUCCEEDED"
+        done = wait_status(embedded_client, side["id"], FINISHED)
+        assert (done["queue"], done["status"], done["result"]) == (
+            "side",
+            "SUCCEEDED",
+            {"value": 3},
+        )
 
 
 def test_request_id_reaches_every_worker_log_line(stack: Stack, client: TestClient) -> None:
@@ -329,3 +337,36 @@ def test_hard_time_limit_ends_the_task_once(
     assert done["status"] == "FAILED"
     assert done["error"]["type"] == "TimeLimitExceeded"
     assert done["deliveries"] == 1  # killed once, never handed out again
+
+
+@pytest.mark.parametrize("kind", ["bytes", "nan"])
+def test_a_result_that_cannot_be_stored_fails_at_once_with_the_real_error(
+    stack: Stack, client: TestClient, kind: str
+) -> None:
+    """Before, the finish write raised outside any handler and the record stayed RUNNING until
+    the reaper ended it, three runs later, as WorkerLost."""
+    stack.worker()
+    task = submit(client, {"type": "tests.unstorable", "payload": {"kind": kind}})
+
+    done = wait_status(client, task["id"], FINISHED, timeout=20)
+
+    assert done["status"] == "FAILED", done
+    assert (done["attempt"], done["deliveries"]) == (1, 1)
+    expected = {"bytes": ("TypeError", "bytes"), "nan": ("ValueError", "Out of range float")}
+    assert done["error"]["type"] == expected[kind][0]
+    assert done["error"]["message"].startswith("the result cannot be stored: ")
+    assert expected[kind][1] in done["error"]["message"]
+
+
+def test_a_tasks_own_validation_error_follows_its_retry_policy(
+    stack: Stack, client: TestClient
+) -> None:
+    stack.worker()
+    stack.dispatcher()
+    task = submit(client, {"type": "tests.validates_fetched", "payload": {}})
+
+    done = wait_status(client, task["id"], FINISHED, timeout=30)
+
+    assert done["status"] == "FAILED"
+    assert done["error"]["type"] == "ValidationError"
+    assert done["attempt"] == 4  # max_retries=3: every run, not only the first

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from scripts.gen_docs import slug
 from tests.support.stack import ROOT
 
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -25,6 +26,8 @@ DASHBOARD = GRAFANA / "dashboards" / "taskdock.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "taskdock.yml"
 CHECK_SCRIPT = ROOT / "scripts" / "check-monitoring.sh"
+# Where every alert's runbook annotation points (its entries are the page's "## " headings).
+RUNBOOK = "docs/troubleshooting.md"
 CONTAINER_RULES_DIR = "/etc/prometheus/rules/"
 
 # A whole identifier: recording rule names (level:metric:operations) are not metric names.
@@ -82,7 +85,7 @@ def exposed_families() -> dict[str, str]:
     }
     # The gauges the API reads from the database and the broker at scrape time.
     collector = StateCollector(celery_app=None)  # type: ignore[arg-type]
-    collector._read_database = lambda: (0, {})  # type: ignore[method-assign]
+    collector._read_database = lambda: (0, {}, [])  # type: ignore[method-assign]
     collector._read_broker = lambda: {}  # type: ignore[method-assign]
     families.update({family.name: family.type for family in collector.collect()})
     return families
@@ -142,8 +145,8 @@ def test_every_metric_has_a_panel() -> None:
 
 
 def test_alerts_are_actionable() -> None:
-    readme = (ROOT / "README.md").read_text()
-    troubleshooting = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    troubleshooting = (ROOT / RUNBOOK).read_text()
+    entries = {slug(heading) for heading in re.findall(r"^## (.+)$", troubleshooting, flags=re.M)}
 
     assert {alert["alert"] for alert in alerts()} >= {
         "TaskdockApiDown",
@@ -162,10 +165,11 @@ def test_alerts_are_actionable() -> None:
         assert alert["annotations"]["summary"], name
         assert alert["annotations"]["description"], name
         runbook = alert["annotations"]["runbook"]
-        assert runbook.startswith("README.md#troubleshooting"), name
-        # "(A task stays QUEUED, step 2)" names an entry of the README's Troubleshooting section.
-        if entry := re.search(r"\(([^,)]+)", runbook):
-            assert f"**{entry.group(1)}" in troubleshooting.replace("`", ""), name
+        # "docs/troubleshooting.md#a-task-stays-queued (step 2)": the page, and an entry on it.
+        found = re.fullmatch(rf"{re.escape(RUNBOOK)}(?:#([\w-]+))?(?: \(.+\))?", runbook)
+        assert found, f"{name}: runbook {runbook!r} is not {RUNBOOK}[#entry][ (step)]"
+        if found.group(1):
+            assert found.group(1) in entries, f"{name}: {RUNBOOK} has no entry #{found.group(1)}"
 
 
 def test_every_alert_has_a_unit_test() -> None:

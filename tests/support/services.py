@@ -127,6 +127,64 @@ class RedisServer:
         self.process = None
 
 
+class RabbitMQServer:
+    """A private RabbitMQ node on free ports, which a fault test may kill and start again.
+
+    Its own node name, ports and data directory: the machine's shared node is never touched.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> None:
+        packaged = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        binary = str(packaged) if packaged.exists() else shutil.which("rabbitmq-server")
+        require("rabbitmq-server", binary is not None, "the rabbitmq-server binary")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "HOME": str(self.workdir),
+            "RABBITMQ_NODENAME": f"taskdock{self.port}@localhost",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.workdir / "none"),
+            "RABBITMQ_PID_FILE": str(self.workdir / "pid"),
+        }
+        with (self.workdir / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for(lambda: port_open("127.0.0.1", self.port), timeout=90, what="rabbitmq-server")
+
+    def kill(self) -> None:
+        """SIGKILL to the node: a crash, with no orderly shutdown."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+
 class PostgresServer:
     """A private PostgreSQL cluster on a free port, which a fault test may crash and restart.
 

@@ -87,3 +87,39 @@ def slow(payload: SlowInput, ctx: TaskContext) -> None:
         except SoftTimeLimitExceeded:
             if not payload.ignore_soft_limit:
                 raise
+
+
+class SideInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    value: int = 0
+
+
+@task_type("tests.side", input=SideInput, queue="side")
+def side(payload: SideInput, ctx: TaskContext) -> dict[str, int]:
+    """Runs on a queue of its own, as a user's task type with `queue=` does."""
+    return {"value": payload.value}
+
+
+class UnstorableInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+
+
+@task_type("tests.unstorable", input=UnstorableInput)
+def unstorable(payload: UnstorableInput, ctx: TaskContext) -> object:
+    """Returns what no JSON column can hold: bytes, or a NaN."""
+    return b"\x00raw" if payload.kind == "bytes" else {"ratio": float("nan")}
+
+
+class FetchedRecord(BaseModel):
+    count: int
+
+
+@task_type(
+    "tests.validates_fetched",
+    input=BadOutputInput,
+    retry=RetryPolicy(max_retries=3, backoff=0.05, backoff_max=0.1, retry_on=(Exception,)),
+)
+def validates_fetched(payload: BadOutputInput, ctx: TaskContext) -> None:
+    """Validates data it fetched, which is wrong: its own ValidationError, retried by policy."""
+    FetchedRecord.model_validate({"count": "many"})

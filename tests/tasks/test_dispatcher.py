@@ -6,9 +6,11 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import Redis
 from sqlalchemy import text
 
 from app.core.celery import get_celery_app
@@ -17,7 +19,11 @@ from app.core.db import get_engine, session_scope
 from app.tasks import service
 from app.tasks.dispatcher import Dispatcher, OutboxListener
 from app.tasks.models import Task
+from app.tasks.publisher import queue_depths
 from app.tasks.schemas import TaskCreate
+from tests.conftest import migrate_now
+from tests.support.services import RedisServer, scratch_database
+from tests.support.stack import base_env
 
 PROCESS = {"type": "process_data", "payload": {"user_id": 1, "data": "x"}}
 
@@ -114,3 +120,67 @@ def test_a_stop_ends_a_long_wait(listener: OutboxListener) -> None:
     assert listener.wait(60) is False
     # Heard within a slice, not at the end of the minute (a bound far from both).
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
+def test_a_backlog_never_multiplies_and_a_flushed_broker_is_recovered(
+    tmp_path: Path, configure: object
+) -> None:
+    """5,000 tasks wait with no worker for ten republish periods: still 5,000 messages.
+
+    The old sweep re-published every row whose message was older than the period, whether or
+    not the broker still held it: the queue grew by a backlog's worth each period.
+    """
+    backlog = 5000
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        with scratch_database() as url:
+            configure(  # type: ignore[operator]
+                base_env(
+                    tmp_path / "data",
+                    TASKDOCK_DATABASE_URL=url,
+                    TASKDOCK_BROKER_URL=redis.url,
+                    TASKDOCK_PUBLISH_ON_SUBMIT="false",
+                    TASKDOCK_REPUBLISH_AFTER_SECONDS="60",
+                )
+            )
+            migrate_now()
+            with session_scope() as session:
+                for _ in range(backlog):
+                    service.submit(
+                        session=session,
+                        data=TaskCreate.model_validate(PROCESS),
+                        owner="",
+                        idempotency_key=None,
+                    )
+            dispatcher = Dispatcher(settings=get_settings(), celery_app=get_celery_app())
+
+            def period() -> int:
+                """A republish period passes; returns what the broker holds afterwards."""
+                with session_scope() as session:
+                    session.execute(
+                        text("UPDATE task SET published_at = published_at - interval '1 hour'")
+                    )
+                dispatcher._last_sweep = dispatcher._last_lost_sweep = 0.0  # the sweeps are due
+                report = dispatcher.tick()
+                assert not report.errors, report.errors
+                while dispatcher.tick().published:
+                    pass
+                return queue_depths(get_celery_app(), ["default"])["default"]
+
+            while dispatcher.tick().published:
+                pass
+            assert queue_depths(get_celery_app(), ["default"])["default"] == backlog
+            held = [period() for _ in range(10)]
+            assert held == [backlog] * 10
+
+            redis_client = Redis.from_url(redis.url)
+            redis_client.flushall()  # the broker restarted empty: every message is lost
+            assert queue_depths(get_celery_app(), ["default"])["default"] == 0
+            assert period() == backlog
+            assert period() == backlog
+    finally:
+        redis.stop()

@@ -199,32 +199,61 @@ def test_a_batch_is_marked_published_by_attempt(database: str) -> None:
     assert load(stale).published_at is None  # a message for another attempt marks nothing
 
 
-def test_stale_publications_are_forgotten(database: str) -> None:
-    task_id = new_task()
+def test_only_publications_the_broker_lost_are_forgotten(database: str) -> None:
+    older, newer, fresh = new_task(), new_task(), new_task()
     with session_scope() as session:
-        lifecycle.mark_many_published(session=session, published=[(task_id, 1)])
-        session.execute(
-            update(Task)
-            .where(Task.id == task_id)
-            .values(published_at=utcnow() - timedelta(hours=1))
+        lifecycle.mark_many_published(
+            session=session, published=[(older, 1), (newer, 1), (fresh, 1)]
         )
+        for task_id, age in ((older, 3600), (newer, 1800)):
+            session.execute(
+                update(Task)
+                .where(Task.id == task_id)
+                .values(published_at=utcnow() - timedelta(seconds=age))
+            )
+    asked: list[list[str]] = []
+
+    def held(count: int) -> object:
+        def depths(queues: list[str]) -> dict[str, int]:
+            asked.append(queues)
+            return {"default": count}
+
+        return depths
+
     with session_scope() as session:
-        assert lifecycle.forget_stale_publications(session=session, older_than=600) == 1
-    assert load(task_id).published_at is None
-    assert load(task_id).queued_at is not None
+        # The broker holds a message for every published row: a backlog, nothing lost.
+        assert (
+            lifecycle.forget_lost_publications(session=session, older_than=600, held=held(3)) == 0
+        )
+        # One missing: the oldest publication goes back to the outbox, and only it.
+        assert (
+            lifecycle.forget_lost_publications(session=session, older_than=600, held=held(2)) == 1
+        )
+    assert asked == [["default"], ["default"]]
+    assert load(older).published_at is None
+    assert load(older).queued_at is not None
+    assert load(newer).published_at is not None
+    with session_scope() as session:
+        # A flushed broker: every row published long enough ago, never the fresh one.
+        assert (
+            lifecycle.forget_lost_publications(session=session, older_than=600, held=held(0)) == 1
+        )
+    assert load(newer).published_at is None
+    assert load(fresh).published_at is not None
 
 
 def test_runner_runs_a_task_once(database: str) -> None:
     from app.tasks.runner import Outcome, execute
 
     task_id = new_task()
-    outcome = execute(task_id=task_id, attempt=1, worker="inproc", settings=get_settings())
+    ended = execute(task_id=task_id, attempt=1, worker="inproc", settings=get_settings())
 
-    assert outcome is Outcome.SUCCEEDED
+    assert ended.outcome is Outcome.SUCCEEDED
     task = load(task_id)
     assert task.status == TaskStatus.SUCCEEDED
     assert task.result["processed"] == "X"
-    assert execute(task_id=task_id, attempt=1, worker="x", settings=get_settings()) is Outcome.STALE
+    again = execute(task_id=task_id, attempt=1, worker="x", settings=get_settings())
+    assert again.outcome is Outcome.STALE
 
 
 def test_reaper_ends_a_run_killed_by_its_hard_time_limit(database: str) -> None:
@@ -263,3 +292,79 @@ def test_a_second_retry_makes_no_second_attempt(database: str) -> None:
 
     assert first.attempt == 2
     assert load(task_id).attempt == 2
+
+
+def forget_claim(task_id: uuid.UUID) -> None:
+    """What a database crash leaves of an asynchronously committed claim: the waiting row."""
+    with session_scope() as session:
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id)
+            .values(status="QUEUED", deliveries=Task.deliveries - 1, lease_expires_at=None)
+        )
+
+
+def test_a_claim_the_database_forgot_is_put_back_by_the_runs_next_write(database: str) -> None:
+    renewed_id, finished_id, failed_id, cancelled_id = (new_task() for _ in range(4))
+    claims = {task_id: claim(task_id) for task_id in (renewed_id, finished_id, failed_id)}
+    for task_id in (renewed_id, finished_id, failed_id, cancelled_id):
+        if task_id in claims:
+            forget_claim(task_id)
+    cancelled_claim = claim(cancelled_id)
+    assert cancelled_claim is not None
+    with session_scope() as session:
+        service.cancel(session=session, task_id=cancelled_id, owner=None)
+
+    with session_scope() as session:
+        renewed = claims[renewed_id]
+        assert renewed is not None
+        assert lifecycle.renew_lease(session=session, claim=renewed, lease_seconds=30)
+        done = claims[finished_id]
+        assert done is not None
+        assert lifecycle.succeed(session=session, claim=done, result={"ok": True})
+        failed = claims[failed_id]
+        assert failed is not None
+        status = lifecycle.fail(session=session, claim=failed, error={"type": "E"}, retry_in=None)
+        assert status is TaskStatus.FAILED
+        # A cancel is not a forgotten claim: the run has lost the task.
+        assert not lifecycle.succeed(session=session, claim=cancelled_claim, result=None)
+
+    assert (load(renewed_id).status, load(renewed_id).deliveries) == (TaskStatus.RUNNING, 1)
+    assert load(renewed_id).lease_expires_at is not None
+    assert (load(finished_id).status, load(finished_id).deliveries) == (TaskStatus.SUCCEEDED, 1)
+    assert (load(failed_id).status, load(failed_id).deliveries) == (TaskStatus.FAILED, 1)
+    assert load(cancelled_id).status == TaskStatus.CANCELLED
+
+
+@pytest.mark.postgres
+def test_outcomes_wait_for_the_wal_flush_and_claims_do_not(pg_env: dict[str, str]) -> None:
+    """On the worker's connections (synchronous_commit=off) only the outcome is made durable."""
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from app.core.db import build_engine
+
+    engine = build_engine(get_settings(), role="worker")
+    task_ids = [new_task(), new_task()]
+    try:
+        with Session(engine) as session:
+            taken = lifecycle.claim(
+                session=session, task_id=task_ids[0], attempt=1, worker="w", lease_seconds=30
+            )
+            assert taken is not None
+            assert session.scalar(text("SHOW synchronous_commit")) == "off"
+            assert lifecycle.succeed(session=session, claim=taken, result=1)
+            assert session.scalar(text("SHOW synchronous_commit")) == "on"
+            session.commit()
+            assert session.scalar(text("SHOW synchronous_commit")) == "off"  # this commit only
+            other = lifecycle.claim(
+                session=session, task_id=task_ids[1], attempt=1, worker="w", lease_seconds=30
+            )
+            assert other is not None
+            lifecycle.fail(session=session, claim=other, error={"type": "E"}, retry_in=None)
+            assert session.scalar(text("SHOW synchronous_commit")) == "on"
+            session.commit()
+    finally:
+        engine.dispose()
+    assert load(task_ids[0]).status == TaskStatus.SUCCEEDED
+    assert load(task_ids[1]).status == TaskStatus.FAILED

@@ -66,8 +66,13 @@ def test_submit_records_then_publishes(
     messages = queued_messages(embedded_env)
     assert len(messages) == 1
     body = json.loads(messages[0].read_text())
+    # One job runs every type; monitoring tools show the type's name and the taskdock id.
     assert body["headers"]["task"] == "taskdock.execute"
-    assert body["headers"]["argsrepr"] == repr((task["id"], 1))
+    assert body["headers"]["shadow"] == "process_data"
+    assert body["headers"]["id"] == f"{task['id']}.1"
+    assert body["headers"]["kwargsrepr"] == repr({"task_id": task["id"], "attempt": 1})
+    args, kwargs, _ = json.loads(base64.b64decode(body["body"]))
+    assert (args, kwargs) == ([], {"task_id": task["id"], "attempt": 1})  # never the payload
 
 
 def test_submit_unknown_type_is_422_naming_it(client: TestClient) -> None:
@@ -292,10 +297,9 @@ def test_retry_cancelled_task_is_a_new_attempt(
     assert retried["max_attempts"] == 5
     assert retried["finished_at"] is None
     attempts = sorted(
-        json.loads(path.read_text())["headers"]["argsrepr"]
-        for path in queued_messages(embedded_env)
+        json.loads(path.read_text())["headers"]["id"] for path in queued_messages(embedded_env)
     )
-    assert attempts == sorted([repr((task["id"], 1)), repr((task["id"], 2))])
+    assert attempts == [f"{task['id']}.1", f"{task['id']}.2"]
 
 
 def test_retry_unfinished_task_is_409(client: TestClient) -> None:

@@ -30,7 +30,7 @@ def submit(type_: str, payload: dict[str, Any]) -> uuid.UUID:
 
 
 def run(task_id: uuid.UUID, attempt: int = 1) -> Outcome:
-    return execute(task_id=task_id, attempt=attempt, worker="test", settings=get_settings())
+    return execute(task_id=task_id, attempt=attempt, worker="test", settings=get_settings()).outcome
 
 
 def record(task_id: uuid.UUID) -> Task:

@@ -1,4 +1,4 @@
-"""The README's Kubernetes and CI/CD sections: their commands are the ones the tests run."""
+"""The docs' Kubernetes and CI/CD pages: their commands are the ones the tests run."""
 
 from __future__ import annotations
 
@@ -11,15 +11,17 @@ import yaml
 from tests.deploy.support import K8S, OVERLAYS, ROOT, by_kind, missing, render
 from tests.deploy.test_deploy_script import SELECTORS
 
-README = (ROOT / "README.md").read_text()
+PAGES = {"Deploy on Kubernetes": "docs/deploy/kubernetes.md", "CI/CD": "docs/deploy/ci-cd.md"}
 
 
 def section(title: str) -> str:
-    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, flags=re.M | re.S)
-    if found is None:
-        missing(f'README.md has no "{title}" section')
-    assert found is not None
-    return found.group(1)
+    """The page that holds this part of the docs (it starts with the title as its heading)."""
+    page = ROOT / PAGES[title]
+    if not page.is_file():
+        missing(f"{PAGES[title]} is missing")
+    text = page.read_text()
+    assert text.startswith(f"# {title}\n"), f"{PAGES[title]} is not the {title!r} page"
+    return text
 
 
 def commands(text: str) -> list[list[str]]:
@@ -30,7 +32,7 @@ def commands(text: str) -> list[list[str]]:
     return [shlex.split(line) for line in lines if line and not line.startswith("#")]
 
 
-def test_readme_renders_with_the_tested_command() -> None:
+def test_docs_render_with_the_tested_command() -> None:
     renders = [
         c for c in commands(section("Deploy on Kubernetes")) if c[0] == "scripts/k8s-render.sh"
     ]
@@ -43,7 +45,7 @@ def test_readme_renders_with_the_tested_command() -> None:
         assert by_kind(render(overlay, *args[1:]), "Deployment")
 
 
-def test_readme_deploys_creates_the_secret_and_applies_the_shared_objects() -> None:
+def test_docs_deploy_creates_the_secret_and_applies_the_shared_objects() -> None:
     lines = commands(section("Deploy on Kubernetes"))
     template = yaml.safe_load((K8S / "secret.template.yaml").read_text())
     (deploy,) = [c for c in lines if c[0] == "scripts/k8s-deploy.sh"]
@@ -64,7 +66,7 @@ def test_readme_deploys_creates_the_secret_and_applies_the_shared_objects() -> N
         assert apply[apply.index("-l") + 1] == SELECTORS["shared"]
 
 
-def test_readme_explains_ci_cd() -> None:
+def test_docs_explain_ci_cd() -> None:
     text = section("CI/CD")
     for name in (
         "ci.yml",
@@ -89,7 +91,7 @@ def test_make_k8s_check_runs_these_tests() -> None:
 
 
 @pytest.mark.parametrize("title", ["Deploy on Kubernetes", "CI/CD"])
-def test_readme_names_no_tool_hosts(title: str) -> None:
+def test_docs_name_no_tool_hosts(title: str) -> None:
     # Registries and mirrors are configuration, never text in the repository.
     assert not re.search(
         r"\b(ghcr\.io|docker\.io|quay\.io|deb\.debian\.org|pypi\.org)\b", section(title)
