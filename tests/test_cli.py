@@ -195,20 +195,8 @@ def test_status_flags_a_queue_no_worker_consumes_and_lists_the_workers(
 
     require_redis()
     env = {**pg_env, "TASKDOCK_BROKER_URL": REDIS_URL}
-    heartbeat = tmp_path / "w1.heartbeat"
     with running_stack(env, tmp_path / "logs") as stack:
-        worker = stack.taskdock(
-            "w1",
-            "worker",
-            "-Q",
-            "default",
-            "--concurrency",
-            "1",
-            "--hostname",
-            "w1@%h",
-            env={**env, "TASKDOCK_WORKER_HEARTBEAT_FILE": str(heartbeat)},
-        )
-        wait_for(heartbeat.exists, timeout=60, what="the worker to consume")
+        worker = stack.worker(options=("-Q", "default", "--hostname", "w1@%h"))
         _, base = stack.api()
         side = httpx.post(f"{base}/api/v1/tasks", json={"type": "tests.side", "payload": {}})
         slow = httpx.post(

@@ -58,15 +58,7 @@ def test_documented_task_type_runs_from_the_project_directory(tmp_path: Path) ->
         assert response.status_code == 202, response.text
         assert response.json()["queue"] == "images"
         record = wait_final(base, response.json()["id"])
-        status = subprocess.run(
-            [str(TASKDOCK), "status", "--workers"],
-            cwd=project,
-            env={**env, "TASKDOCK_TASK_MODULES": "myproject.tasks"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        status = cli("status", "--workers", cwd=project, env=env)
 
     assert record["status"] == "SUCCEEDED", proc.output()[-4000:]
     assert record["result"] == {"url": "https://cdn.example/7-640.png"}
@@ -228,18 +220,16 @@ def _can_unshare() -> bool:
     return probe.returncode == 0
 
 
+def cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The console script, as a user in `cwd` runs it."""
+    return subprocess.run(
+        [str(TASKDOCK), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
 def test_a_command_without_a_database_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
     for command in (["status"], ["keys", "list"]):
-        result = subprocess.run(
-            [str(TASKDOCK), *command],
-            env=user_env(),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        line = one_line_failure(result)
+        line = one_line_failure(cli(*command, cwd=tmp_path, env=user_env()))
         assert "taskdock migrate" in line
         assert str(tmp_path / ".taskdock" / "taskdock.db") in line
         assert not (tmp_path / ".taskdock").exists()
@@ -250,15 +240,7 @@ def test_a_command_on_an_unmigrated_postgres_is_one_line(tmp_path: Path) -> None
     from tests.support.services import scratch_database
 
     with scratch_database() as url:
-        result = subprocess.run(
-            [str(TASKDOCK), "status"],
-            env=user_env(TASKDOCK_DATABASE_URL=url),
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = cli("status", cwd=tmp_path, env=user_env(TASKDOCK_DATABASE_URL=url))
     line = one_line_failure(result)
     assert "revision none" in line
     assert "taskdock migrate" in line

@@ -27,11 +27,12 @@ _role = "api"
 READ_ONLY = "taskdock_read_only"
 # A request must not wait long behind a lock (a migration, a stuck transaction): it answers 503.
 _API_LIMITS = {"options": "-c lock_timeout=2000 -c statement_timeout=10000"}
-# The worker's and the dispatcher's writes (claim, lease, outcome, outbox marks) do not wait for
-# their WAL flush. A database crash can forget the last fraction of a second of them, and each
-# such loss is one the leases already recover from: a forgotten claim or outcome leaves the task
-# QUEUED or RUNNING, and the reaper or the stale-publication sweep runs it again (at least
-# once). The API's INSERT keeps synchronous commit: a 202 promises a durable record.
+# The worker's and the dispatcher's writes (claim, lease, outbox marks) do not wait for their
+# WAL flush. A database crash can forget the last fraction of a second of them, and each such
+# loss costs nothing lasting (app.tasks.lifecycle: a forgotten claim is put back by the run's
+# next write). A run's outcome is the exception: its statement asks for the flush itself, since
+# the message is acknowledged right after it. The API's INSERT keeps synchronous commit: a 202
+# promises a durable record. docs/reliability.md has the whole trade-off.
 _BACKGROUND_COMMITS = {"options": "-c synchronous_commit=off"}
 _ROLE_OPTIONS = {
     "api": _API_LIMITS,

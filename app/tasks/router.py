@@ -60,7 +60,7 @@ async def _publish(
         await database.autocommit(change, task_id=task.id, attempt=task.attempt)
     except Exception:
         # The request has succeeded and the task is recorded. A missing mark costs one duplicate
-        # message; a missing unmark leaves the task to the dispatcher's stale-publication sweep.
+        # message; a missing unmark leaves the task to the dispatcher's lost-message sweep.
         logger.warning("could not record a task's publication", exc_info=True)
     return sent
 

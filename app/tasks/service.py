@@ -62,7 +62,7 @@ def submit(
     With `publishing`, a task due now is recorded as published in the same insert: the caller
     publishes right after its commit, and calls `unmark_published` if that fails. One commit
     per submit instead of two; if the process dies between commit and publish, the dispatcher's
-    stale-publication sweep publishes it later (TASKDOCK_REPUBLISH_AFTER_SECONDS).
+    lost-message sweep publishes it later (TASKDOCK_REPUBLISH_AFTER_SECONDS).
     """
     task_type = get_task_type(data.type)
     try:

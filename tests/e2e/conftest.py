@@ -32,6 +32,11 @@ def images(docker_ready: None) -> None:
 
 
 @pytest.fixture(scope="session")
+def flower_image(images: None) -> None:
+    harness.build_flower_image()
+
+
+@pytest.fixture(scope="session")
 def compose_stack(
     images: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[harness.Stack]:

@@ -28,6 +28,7 @@ CI = os.environ.get("CI", "").lower() == "true"
 
 BASE_IMAGE = os.environ.get("TASKDOCK_E2E_BASE_IMAGE", "taskdock/base-python:3.11-bookworm")
 APP_IMAGE = "taskdock:local"
+FLOWER_IMAGE = "taskdock-flower:local"
 STAND_INS = {
     "POSTGRES_IMAGE": "taskdock-e2e/postgres:local",
     "REDIS_IMAGE": "taskdock-e2e/redis:local",
@@ -220,7 +221,7 @@ def build_stand_ins() -> None:
     summary["stand_ins_build_seconds"] = round(time.monotonic() - started, 1)
 
 
-def app_build_command(context: Path, tag: str) -> list[str]:
+def app_build_command(context: Path, tag: str, target: str = "runtime") -> list[str]:
     revision = run(["git", "rev-parse", "HEAD"], check=False).stdout.strip() or "unknown"
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     command = [
@@ -229,7 +230,7 @@ def app_build_command(context: Path, tag: str) -> list[str]:
         "-f",
         str(ROOT / "docker" / "Dockerfile"),
         "--target",
-        "runtime",
+        target,
         "--build-arg",
         f"BASE_IMAGE={BASE_IMAGE}",
         "--build-arg",
@@ -270,6 +271,13 @@ def build_app_image() -> None:
     summary["added_on_base_mb"] = round((image - base) / 1e6, 1)
     summary["dependencies_mb"] = round(int(sizes[0]) / 1e6, 1)
     summary["app_code_kb"] = round(int(sizes[2]) / 1e3, 1)
+
+
+def build_flower_image() -> None:
+    """The `flower` stage: the application image plus Flower, for the compose profile."""
+    started = time.monotonic()
+    run(app_build_command(ROOT, FLOWER_IMAGE, target="flower"), timeout=1200)
+    summary["flower_image_build_seconds"] = round(time.monotonic() - started, 1)
 
 
 def image_size(tag: str) -> int:
@@ -455,6 +463,7 @@ def running_stack(secrets_dir: Path) -> Iterator[Stack]:
         **os.environ,
         "COMPOSE_PROJECT_NAME": project,
         "TASKDOCK_IMAGE": APP_IMAGE,
+        "TASKDOCK_FLOWER_IMAGE": FLOWER_IMAGE,
         "TASKDOCK_SECRETS_PATH": str(secrets_dir),
         "TASKDOCK_HTTP_PORT": str(port),
         **STAND_INS,

@@ -251,3 +251,47 @@ def test_api_stop_under_load_loses_no_accepted_request(compose_stack: Stack) -> 
     # 137 would be Docker's SIGKILL after the grace period.
     assert state in ("0", "143"), f"the API exited with {state}, not a clean shutdown"
     assert "Application shutdown complete" in shutdown_log, shutdown_log[-2000:]
+
+
+def test_the_flower_profile_shows_each_task_by_type_behind_a_password(
+    compose_stack: Stack, flower_image: None
+) -> None:
+    """`--profile flower`: Flower at /flower/ through nginx, refused without the password."""
+    compose_stack.compose("--profile", "flower", "up", "-d", "--no-build", "flower", timeout=300)
+    password = (compose_stack.secrets_dir / "flower_password").read_text().strip()
+    auth = ("flower", password)
+    flower = f"{compose_stack.url}/flower"
+
+    wait_for(
+        "Flower behind nginx",
+        lambda: httpx.get(f"{flower}/api/workers", auth=auth, timeout=5).status_code == 200,
+        timeout=120,
+    )
+    assert httpx.get(f"{flower}/", timeout=5).status_code == 401
+    assert httpx.get(f"{flower}/api/tasks", auth=("flower", "wrong"), timeout=5).status_code == 401
+
+    def tasks() -> dict[str, Any]:
+        listed: dict[str, Any] = httpx.get(f"{flower}/api/tasks", auth=auth, timeout=5).json()
+        return listed
+
+    def seen() -> bool:
+        """A task run once Flower has turned the workers' events on (a few seconds after it
+        starts) shows there; one run before does not."""
+        task_id = submit_ok(compose_stack, "process_data", {"user_id": 0, "data": "probe"})
+        compose_stack.wait_finished([task_id], timeout=30)
+        time.sleep(1)
+        return any(uid.startswith(task_id) for uid in tasks())
+
+    wait_for("Flower to receive the workers' events", seen, timeout=90, interval=1)
+    ids = [submit_ok(compose_stack, "process_data", {"user_id": n, "data": "x"}) for n in range(3)]
+    compose_stack.wait_finished(ids, timeout=60)
+
+    def listed() -> dict[str, Any] | None:
+        mine = {
+            uid.split(".")[0]: info for uid, info in tasks().items() if uid.split(".")[0] in ids
+        }
+        done = len(mine) == len(ids) and all(i.get("state") == "SUCCESS" for i in mine.values())
+        return mine if done else None
+
+    mine = wait_for("Flower to list the tasks as SUCCESS", listed, timeout=60)
+    assert {info["name"] for info in mine.values()} == {"process_data"}

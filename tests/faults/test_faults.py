@@ -23,7 +23,7 @@ from app.core.db import session_scope
 from app.tasks.models import Task
 from tests.conftest import migrate_now
 from tests.support import services
-from tests.support.services import RedisServer, free_port, wait_for
+from tests.support.services import RedisServer, free_port
 from tests.support.stack import Stack, base_env, running_stack, wait_status
 
 pytestmark = pytest.mark.slow
@@ -271,15 +271,7 @@ def test_a_worker_survives_a_broker_restart_and_finishes_every_task(
     try:
         with running_stack(env, tmp_path / "logs") as stack:
             # As an operator starts it: no flags (the suite's other workers run without gossip).
-            heartbeat = stack.logs / "w1.heartbeat"
-            worker = stack.taskdock(
-                "w1",
-                "worker",
-                "--concurrency",
-                "2",
-                env={**env, "TASKDOCK_WORKER_HEARTBEAT_FILE": str(heartbeat)},
-            )
-            wait_for(heartbeat.exists, timeout=60, what="the worker to consume")
+            worker = stack.worker(concurrency=2, options=())
             stack.dispatcher()
             ids: list[str] = []
 

@@ -140,21 +140,21 @@ class Stack:
     def taskdock(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         return self.spawn(name, [sys.executable, "-m", "app.cli", *args], env)
 
-    def worker(self, name: str = "w1", *, concurrency: int = 1, wait: bool = True) -> Proc:
+    def worker(
+        self,
+        name: str = "w1",
+        *,
+        concurrency: int = 1,
+        wait: bool = True,
+        options: tuple[str, ...] | None = None,
+    ) -> Proc:
+        """`taskdock worker`; `options` replace the suite's (a node name, no mingle or gossip)."""
         heartbeat = self.logs / f"{name}.heartbeat"
         heartbeat.unlink(missing_ok=True)
         env = {**self.env, "TASKDOCK_WORKER_HEARTBEAT_FILE": str(heartbeat)}
-        proc = self.taskdock(
-            name,
-            "worker",
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{name}@%h",
-            "--without-mingle",
-            "--without-gossip",
-            env=env,
-        )
+        if options is None:
+            options = ("--hostname", f"{name}@%h", "--without-mingle", "--without-gossip")
+        proc = self.taskdock(name, "worker", "--concurrency", str(concurrency), *options, env=env)
         if wait:
             wait_for(
                 lambda: heartbeat.exists() or not proc.alive(),
