@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    Connection,
     Integer,
     Table,
     Update,
@@ -40,6 +41,9 @@ from sqlalchemy.orm import Session
 from app.db.base import UTCDateTime, utcnow
 from app.tasks.models import Task
 from app.tasks.states import WAITING, TaskStatus, sources
+
+# A run's writes take an ORM Session or, on the worker's hot path, a Core Connection.
+Executor = Session | Connection
 
 TRACEBACK_LIMIT = 4000
 MESSAGE_LIMIT = 1000
@@ -149,7 +153,7 @@ _RENEW = (
 
 
 def claim(
-    *, session: Session, task_id: uuid.UUID, attempt: int, worker: str, lease_seconds: float
+    *, session: Executor, task_id: uuid.UUID, attempt: int, worker: str, lease_seconds: float
 ) -> Claim | None:
     """Take the task for this run, or None when the message is stale or the task is held."""
     now = utcnow()
@@ -180,7 +184,7 @@ def _fence(claim: Claim) -> dict[str, Any]:
     return {"b_id": claim.task_id, "b_attempt": claim.attempt, "b_delivery": claim.delivery}
 
 
-def renew_lease(*, session: Session, claim: Claim, lease_seconds: float) -> bool:
+def renew_lease(*, session: Executor, claim: Claim, lease_seconds: float) -> bool:
     """Extend this run's lease; False means the run lost the task (cancelled or reaped)."""
     now = utcnow()
     result = session.execute(
@@ -189,19 +193,20 @@ def renew_lease(*, session: Session, claim: Claim, lease_seconds: float) -> bool
     return rowcount(result) == 1
 
 
-def succeed(*, session: Session, claim: Claim, result: Any) -> bool:
+def succeed(*, session: Executor, claim: Claim, result: Any) -> bool:
     outcome = session.execute(
         _SUCCEED[_dialect(session)], {**_fence(claim), "b_result": result, "b_now": utcnow()}
     )
     return rowcount(outcome) == 1
 
 
-def _dialect(session: Session) -> str:
-    return session.get_bind().dialect.name
+def _dialect(session: Executor) -> str:
+    bind = session.get_bind() if isinstance(session, Session) else session
+    return str(bind.dialect.name)
 
 
 def fail(
-    *, session: Session, claim: Claim, error: dict[str, Any], retry_in: float | None
+    *, session: Executor, claim: Claim, error: dict[str, Any], retry_in: float | None
 ) -> TaskStatus | None:
     """Record a failed run: RETRYING with a backoff, or FAILED. None if the run was stale."""
     now = utcnow()
@@ -235,7 +240,7 @@ def fail(
     return target if rowcount(outcome) == 1 else None
 
 
-def give_up(*, session: Session, claim: Claim, reason: str) -> bool:
+def give_up(*, session: Executor, claim: Claim, reason: str) -> bool:
     """End a poison task: it was handed out too often without ever finishing."""
     return (
         fail(

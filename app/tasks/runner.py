@@ -21,11 +21,10 @@ from sqlalchemy.exc import (
     OperationalError,
     StatementError,
 )
-from sqlalchemy.orm import Session
 
 from app.core import metrics
 from app.core.config import Settings
-from app.core.db import session_scope
+from app.core.db import statement_scope
 from app.core.logging import log_context
 from app.db.base import utcnow
 from app.tasks import lifecycle
@@ -118,7 +117,7 @@ class LeaseRenewer:
 
     def _renew(self, run: _Run) -> None:
         try:
-            with session_scope() as session:
+            with statement_scope() as session:
                 held = lifecycle.renew_lease(
                     session=session, claim=run.claim, lease_seconds=run.lease_seconds
                 )
@@ -138,7 +137,7 @@ _renewer = LeaseRenewer()
 
 
 def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings) -> Ended:
-    with session_scope() as session:
+    with statement_scope() as session:
         claim = lifecycle.claim(
             session=session,
             task_id=task_id,
@@ -172,7 +171,7 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
     if claim.delivery > settings.task_max_deliveries:
         # Every earlier delivery of this attempt died with its worker: a poison task.
         reason = f"the worker was lost {claim.delivery - 1} times running this attempt"
-        with session_scope() as session:
+        with statement_scope() as session:
             lifecycle.give_up(session=session, claim=claim, reason=reason)
         logger.error("poison task failed after repeated worker loss")
         return Ended(Outcome.FAILED, error={"type": "WorkerLost", "message": reason})
@@ -234,7 +233,7 @@ T = TypeVar("T")
 OUTCOME_RETRY_PAUSE = 0.25
 
 
-def _write_outcome(write: Callable[[Session], T], *, patience: float) -> T:
+def _write_outcome(write: Callable[[lifecycle.Executor], T], *, patience: float) -> T:
     """Write a run's outcome, waiting up to `patience` seconds for a database that is away.
 
     The run is done and its result is in hand: a database restart must not throw it away.
@@ -245,7 +244,7 @@ def _write_outcome(write: Callable[[Session], T], *, patience: float) -> T:
     pause = OUTCOME_RETRY_PAUSE
     while True:
         try:
-            with session_scope() as session:
+            with statement_scope() as session:
                 return write(session)
         except (OperationalError, InterfaceError) as exc:
             if time.monotonic() + pause > deadline:

@@ -320,9 +320,11 @@ def test_after_a_database_crash_every_task_finishes_within_30_seconds(
     """PostgreSQL crashes (no checkpoint, asynchronous commits lost) while a backlog runs.
 
     Before, a run whose claim and outcome were both lost, its message already acknowledged,
-    waited QUEUED for the stale-publication sweep: five minutes.
+    waited QUEUED for the stale-publication sweep: five minutes. A WAL writer that waits ten
+    seconds, not 0.2, makes sure the crash takes every asynchronous commit of those seconds.
     """
-    with services.private_postgres() as postgres:
+    slow_wal_writer = {"wal_writer_delay": "10s", "wal_writer_flush_after": "1GB"}
+    with services.private_postgres(settings=slow_wal_writer) as postgres:
         url = postgres.create_database("taskdock")
         # The default lease: a task stranded RUNNING would wait for it, and fail the bound.
         env = base_env(

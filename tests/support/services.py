@@ -192,10 +192,16 @@ class PostgresServer:
     user, in a directory of its own under /tmp (pytest's tmp_path is closed to other users).
     """
 
-    def __init__(self, version_root: Path = Path("/usr/lib/postgresql")) -> None:
+    def __init__(
+        self,
+        version_root: Path = Path("/usr/lib/postgresql"),
+        settings: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.bindir = _postgres_bindir(version_root)
         self.workdir: Path | None = None
+        # Server settings on top of this class's own (`-c name=value`).
+        self.settings = settings or {}
 
     @property
     def data(self) -> Path:
@@ -216,6 +222,7 @@ class PostgresServer:
         if self.workdir is None:
             self._init()
         options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data),
                   "-l", str(self.log), "-o", options)  # fmt: skip
 
@@ -284,9 +291,9 @@ def _postgres_bindir(root: Path) -> Path | None:
 
 
 @contextmanager
-def private_postgres() -> Iterator[PostgresServer]:
+def private_postgres(settings: dict[str, str] | None = None) -> Iterator[PostgresServer]:
     """A started private cluster, stopped and removed afterwards."""
-    server = PostgresServer()
+    server = PostgresServer(settings=settings)
     try:
         server.start()
         yield server
