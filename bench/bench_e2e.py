@@ -12,10 +12,17 @@
 5. CPU per 1,000 tasks (Redis, from metric 2's rounds): utime+stime from /proc of the API,
    the dispatcher, the worker with its pool children, redis-server and the PostgreSQL backends
    of the scratch database ÷ the raw worker's tree + redis-server + the producing process.
+
+Peers (metrics 2 and 5 on Redis): what users who do not pick taskdock run, Celery recording
+results with its own result backends (PEERS). Each is the raw drain again, with the same app
+and flags, plus a result backend: Redis (db 2 of the benchmark's redis-server), and SQL on a
+scratch PostgreSQL database of its own, with task_track_started; that one's CPU includes the
+PostgreSQL backends serving its database. They run in the same rounds, after the raw drain.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import subprocess
@@ -39,6 +46,7 @@ from bench.common import (
     rabbit_vhost,
     redis_client,
     rounds,
+    scratch_database,
     submit_script,
     ui,
     wait_for,
@@ -48,16 +56,25 @@ from bench.tasks import LATENCY_KEY
 
 UNFINISHED = "SELECT count(*) FROM task WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')"
 DRAIN_TIMEOUT = 900.0
+# The peers, by their key in the results: Celery with one of its own result backends.
+PEERS = {
+    "celery_redis_backend": "Celery + Redis result backend",
+    "celery_sql_backend": "Celery + SQL result backend",
+}
+RESULTS_DB = 2  # the Redis result backend's database on the benchmark's redis-server
 
 
 def estimate(options: Options) -> float:
-    """Seconds, from runs on a shared 2-core machine (raw enqueue ~400/s, drain ~300/s)."""
+    """Seconds, from runs on a shared 2-core machine (raw enqueue ~400/s, drain ~300/s; the
+    peers enqueue as fast and drain at ~300/s with Redis results, ~100/s with SQL)."""
     pair = options.seconds + 3 + options.drain_count / 400 + options.drain_count / 300 + 3
+    peers = 2 * options.drain_count / 400 + options.drain_count / 300 + options.drain_count / 100
+    peers += 6
     per_broker = 25 + options.rounds * pair
     # Two latency points (half the raw drain rate, half taskdock's own peak), each A and B.
     latency = 2 * options.rounds * 2 * (options.latency_seconds + options.max_lag + 5)
     # The Redis suite again with the dispatcher publishing: throughput, one latency point.
-    return per_broker * (3 if options.rabbitmq else 2) + latency * 3 / 2
+    return per_broker * (3 if options.rabbitmq else 2) + latency * 3 / 2 + options.rounds * peers
 
 
 def percentile(values: list[float], percent: float) -> float:
@@ -68,19 +85,20 @@ def percentile(values: list[float], percent: float) -> float:
 
 
 class RawConsumer:
-    """Switches the raw worker's consumer on and off, so a whole queue can be drained at once."""
+    """Switches a raw worker's consumer on and off, so a whole queue can be drained at once."""
 
-    def __init__(self, broker: str) -> None:
+    def __init__(self, broker: str, name: str = "raw") -> None:
         self.app = Celery("bench-control", broker=broker)
-        self.destination = ["raw@bench"]
+        self.name = name
+        self.destination = [f"{name}@bench"]
 
     def _call(self, method: str) -> None:
         control = self.app.control
         replies = getattr(control, method)(
-            raw_celery.QUEUE, destination=self.destination, reply=True, timeout=10
+            raw_celery.queue(self.name), destination=self.destination, reply=True, timeout=10
         )
         if not replies:
-            raise RuntimeError(f"the raw worker did not answer {method}")
+            raise RuntimeError(f"the {self.name} worker did not answer {method}")
 
     def pause(self) -> None:
         self._call("cancel_consumer")
@@ -92,43 +110,108 @@ class RawConsumer:
         self.app.close()
 
 
+Groups = dict[str, Callable[[], Iterable[int]]]
+
+
+@dataclass
+class Drain:
+    """A plain Celery worker that drains its own queue when switched on: raw Celery or a peer."""
+
+    consumer: RawConsumer
+    groups: Groups  # whose CPU counts, besides the producing process
+    env: dict[str, str]  # the producer's
+    result_settings: dict[str, Any]  # what it changes in the mirrored settings
+
+
+@dataclass(frozen=True)
+class PeerBackend:
+    """Where a peer records its results; `database` is a scratch database whose PostgreSQL
+    backends count toward its CPU."""
+
+    url: str
+    database: str | None = None
+
+
 @dataclass
 class Stack:
     bench: Bench
     broker: str
     api: str
-    taskdock_groups: dict[str, Callable[[], Iterable[int]]]
-    raw_groups: dict[str, Callable[[], Iterable[int]]]
-    raw: RawConsumer
+    taskdock_groups: Groups
+    raw: Drain
+    peers: dict[str, Drain]
     counters: Any
 
-    def raw_env(self) -> dict[str, str]:
-        return self.bench.env(BENCH_BROKER_URL=self.broker)
+    def close(self) -> None:
+        for drain in (self.raw, *self.peers.values()):
+            drain.consumer.close()
+
+
+def start_drain(
+    bench: Bench,
+    broker: str,
+    options: Options,
+    *,
+    name: str = "raw",
+    backend: PeerBackend | None = None,
+    local_broker: bool,
+) -> Drain:
+    """A raw worker, paused; with `backend`, a peer recording its results there."""
+    extra = {"BENCH_RESULT_BACKEND": backend.url} if backend is not None else {}
+    worker = bench.raw_worker(broker, options.concurrency, name, **extra)
+    consumer = RawConsumer(broker, name)
+    consumer.pause()
+    groups: Groups = {"worker": worker.tree}
+    if local_broker:
+        redis: Proc = bench.redis_proc
+        groups["broker"] = redis.tree
+    if backend is not None and backend.database is not None:
+        database = backend.database
+        groups["database"] = lambda: bench.backend_pids(database)
+    return Drain(
+        consumer,
+        groups,
+        bench.env(BENCH_BROKER_URL=broker, BENCH_RAW_NAME=name, **extra),
+        raw_celery.result_settings(backend.url if backend else None),
+    )
 
 
 def start_stack(
-    bench: Bench, broker: str, options: Options, *, local_broker: bool, **extra: str
+    bench: Bench,
+    broker: str,
+    options: Options,
+    *,
+    local_broker: bool,
+    peers: dict[str, PeerBackend] | None = None,
+    **extra: str,
 ) -> Stack:
     env = bench.env(broker, **extra)
     api_proc, api = bench.api(env)
     dispatcher = bench.dispatcher(env)
     worker = bench.worker(env, options.concurrency)
-    raw_worker = bench.raw_worker(broker, options.concurrency)
-    raw = RawConsumer(broker)
-    raw.pause()
-    taskdock_groups: dict[str, Callable[[], Iterable[int]]] = {
+    taskdock_groups: Groups = {
         "api": api_proc.tree,
         "dispatcher": dispatcher.tree,
         "worker": worker.tree,
         "database": bench.backend_pids,
     }
-    raw_groups: dict[str, Callable[[], Iterable[int]]] = {"worker": raw_worker.tree}
     if local_broker:
         redis: Proc = bench.redis_proc
         taskdock_groups["broker"] = redis.tree
-        raw_groups["broker"] = redis.tree
+    raw = start_drain(bench, broker, options, local_broker=local_broker)
+    drains = {
+        peer: start_drain(
+            bench,
+            broker,
+            options,
+            name=peer.replace("_", "-"),
+            backend=backend,
+            local_broker=local_broker,
+        )
+        for peer, backend in (peers or {}).items()
+    }
     return Stack(
-        bench, broker, api, taskdock_groups, raw_groups, raw, redis_client(f"{bench.redis_url}/1")
+        bench, broker, api, taskdock_groups, raw, drains, redis_client(f"{bench.redis_url}/1")
     )
 
 
@@ -160,23 +243,24 @@ def taskdock_throughput(stack: Stack, options: Options) -> dict[str, Any]:
     return cpu_sample(done / seconds, done, cpu, failed=failed, seconds=seconds)
 
 
-def raw_throughput(stack: Stack, options: Options) -> dict[str, Any]:
+def raw_throughput(stack: Stack, drain: Drain, options: Options) -> dict[str, Any]:
+    """The drain rate of raw Celery or of a peer: N queued, then its consumer switched on."""
     count = options.drain_count
     stack.counters.delete(raw_celery.COUNT_KEY, raw_celery.FIRST_KEY, raw_celery.DONE_KEY)
-    meter = CpuMeter(stack.raw_groups).start()
+    meter = CpuMeter(drain.groups).start()
     produced = json.loads(
         subprocess.run(
             [sys.executable, "-m", "bench.raw_celery", "produce", str(count)],
-            env=stack.raw_env(),
+            env=drain.env,
             cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,
         ).stdout.splitlines()[-1]
     )
-    stack.raw.resume()
+    drain.consumer.resume()
     item = wait_done(stack.counters, count)
-    stack.raw.pause()
+    drain.consumer.pause()
     cpu = meter.stop()
     cpu["producer"] = round(float(produced["cpu"]), 3)
     first = float(stack.counters.get(raw_celery.FIRST_KEY))
@@ -254,7 +338,7 @@ def taskdock_latency(stack: Stack, options: Options, rate: float) -> dict[str, A
 
 def raw_latency(stack: Stack, options: Options, rate: float) -> dict[str, Any]:
     stack.counters.delete(LATENCY_KEY)
-    stack.raw.resume()
+    stack.raw.consumer.resume()
     try:
         args = [
             sys.executable,
@@ -266,33 +350,42 @@ def raw_latency(stack: Stack, options: Options, rate: float) -> dict[str, Any]:
             str(options.max_lag),
         ]
         out = subprocess.run(
-            args, env=stack.raw_env(), cwd=ROOT, capture_output=True, text=True, check=True
+            args, env=stack.raw.env, cwd=ROOT, capture_output=True, text=True, check=True
         )
         sent = json.loads(out.stdout.splitlines()[-1])
         values = latencies(stack, int(sent["sent"]))
     finally:
-        stack.raw.pause()
+        stack.raw.consumer.pause()
     return latency_sample(values, sent, rate)
 
 
 def cpu_summary(throughput: dict[str, Any]) -> dict[str, Any]:
-    """Metric 5 from metric 2's rounds: medians per component and of the totals."""
+    """Metric 5 from metric 2's rounds: medians per component and of the totals; for each
+    peer the same under "peers", with taskdock's total ÷ the peer's."""
     runs = throughput["rounds"]
     out: dict[str, Any] = {}
     for side in ("taskdock", "baseline"):
-        components = sorted({name for run in runs for name in run[side]["cpu_per_1000"]})
-        out[side] = {
-            name: round(
-                statistics.median(run[side]["cpu_per_1000"].get(name, 0.0) for run in runs), 4
-            )
-            for name in components
-        }
-        out[f"{side}_total"] = round(
-            statistics.median(run[side]["cpu_per_1000_total"] for run in runs), 4
-        )
+        out[side], out[f"{side}_total"] = cpu_medians([run[side] for run in runs])
     out["ratio"] = round(out["taskdock_total"] / out["baseline_total"], 3)
+    for peer in throughput.get("peers", {}):
+        components, total = cpu_medians([run["peers"][peer] for run in runs])
+        out.setdefault("peers", {})[peer] = {
+            "cpu_per_1000": components,
+            "total": total,
+            "ratio": round(out["taskdock_total"] / total, 3),
+        }
     out["unit"] = "CPU seconds per 1,000 tasks"
     return out
+
+
+def cpu_medians(samples: list[dict[str, Any]]) -> tuple[dict[str, float], float]:
+    """One side's median CPU per 1,000 tasks by component, and the median of its totals."""
+    components = sorted({name for sample in samples for name in sample["cpu_per_1000"]})
+    medians = {
+        name: round(statistics.median(s["cpu_per_1000"].get(name, 0.0) for s in samples), 4)
+        for name in components
+    }
+    return medians, round(statistics.median(s["cpu_per_1000_total"] for s in samples), 4)
 
 
 def latency_point(stack: Stack, options: Options, rate: float, label: str) -> dict[str, Any]:
@@ -317,28 +410,41 @@ def broker_suite(
     name: str,
     local: bool,
     specified_rate: bool = True,
+    peers: dict[str, PeerBackend] | None = None,
     **extra: str,
 ) -> dict[str, Any]:
-    """Metric 2; with a local broker also 5 and 3 (at the specified rate, and at half
-    taskdock's own peak). `extra` is more taskdock environment."""
-    stack = start_stack(bench, broker, options, local_broker=local, **extra)
+    """Metric 2 (and the peers' throughput); with a local broker also 5 and 3 (at the
+    specified rate, and at half taskdock's own peak). `extra` is more taskdock environment."""
+    stack = start_stack(bench, broker, options, local_broker=local, peers=peers, **extra)
     try:
         ui.log(f"[bold]metric 2: end-to-end throughput ({name})[/bold]")
         throughput = rounds(
             f"e2e throughput ({name})",
             lambda: taskdock_throughput(stack, options),
-            lambda: raw_throughput(stack, options),
+            lambda: raw_throughput(stack, stack.raw, options),
             options.rounds,
+            peers={
+                peer: functools.partial(raw_throughput, stack, drain, options)
+                for peer, drain in stack.peers.items()
+            },
         )
         result: dict[str, Any] = {
             "throughput": throughput,
             "mirrored_settings": raw_celery.mirrored_settings(broker),
         }
+        if stack.peers:
+            result["peer_settings"] = {
+                peer: drain.result_settings for peer, drain in stack.peers.items()
+            }
         if local:
             result["cpu"] = cpu_summary(throughput)
             ui.log(
                 f"  metric 5: {result['cpu']['taskdock_total']:.3g} vs "
                 f"{result['cpu']['baseline_total']:.3g} CPU s per 1,000 tasks"
+                + "".join(
+                    f"; {peer} {found['total']:.3g}"
+                    for peer, found in result["cpu"].get("peers", {}).items()
+                )
             )
             if specified_rate:
                 rate = throughput["baseline_median"] / 2
@@ -358,15 +464,20 @@ def broker_suite(
             )
         return result
     finally:
-        stack.raw.close()
+        stack.close()
         bench.stop_all()
 
 
 def run(options: Options) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    with bench_world("e2e") as bench:
+    # The SQL peer's results go to a scratch database of its own on the same PostgreSQL.
+    with bench_world("e2e") as bench, scratch_database() as (results_url, results_name):
+        peers = {
+            "celery_redis_backend": PeerBackend(f"{bench.redis_url}/{RESULTS_DB}"),
+            "celery_sql_backend": PeerBackend(f"db+{results_url}", results_name),
+        }
         out["redis"] = broker_suite(
-            bench, f"{bench.redis_url}/0", options, name="redis", local=True
+            bench, f"{bench.redis_url}/0", options, name="redis", local=True, peers=peers
         )
     with bench_world("e2e-outbox") as bench:
         # The same on Redis with the dispatcher publishing; taskdock is overloaded at the

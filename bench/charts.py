@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
+from bench.bench_e2e import PEERS
 from bench.bench_profile import PROFILED, layers_seen
 
 COLOURS = {
@@ -148,24 +150,26 @@ def cpu(report: dict[str, Any]) -> Figure | None:
     summary = report.get("e2e", {}).get("redis", {}).get("cpu")
     if not summary:
         return None
-    components = sorted(set(summary["taskdock"]) | set(summary["baseline"]))
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    sides = [("taskdock", "taskdock"), ("baseline", "raw Celery")]
-    bottoms = [0.0, 0.0]
+    peers = summary.get("peers", {})
+    bars = [("taskdock", summary["taskdock"]), ("raw Celery", summary["baseline"])] + [
+        (textwrap.fill(PEERS[peer], 18), found["cpu_per_1000"]) for peer, found in peers.items()
+    ]
+    components = sorted({component for _, values in bars for component in values})
+    figure, axis = plt.subplots(figsize=(7 + 1.5 * len(peers), 4.5))
+    labels = [label for label, _ in bars]
+    bottoms = [0.0] * len(bars)
     palette = plt.get_cmap("tab10")
     for index, component in enumerate(components):
-        values = [summary[side].get(component, 0.0) for side, _ in sides]
-        axis.bar(
-            [label for _, label in sides],
-            values,
-            bottom=bottoms,
-            label=component,
-            color=palette(index),
-        )
-        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
-    for x, total in enumerate(bottoms):
-        axis.text(x, total, f"{total:.2f} s", ha="center", va="bottom")
+        heights = [values.get(component, 0.0) for _, values in bars]
+        axis.bar(labels, heights, bottom=bottoms, label=component, color=palette(index))
+        bottoms = [b + v for b, v in zip(bottoms, heights, strict=True)]
+    # Over each baseline: its total, and taskdock's total ÷ it.
+    ratios = [None, summary["ratio"], *(found["ratio"] for found in peers.values())]
+    for x, (total, ratio) in enumerate(zip(bottoms, ratios, strict=True)):
+        text = f"{total:.2f} s" + ("" if ratio is None else f"\ntaskdock ÷ this: {ratio}")
+        axis.text(x, total, text, ha="center", va="bottom", fontsize=8)
     axis.set_ylabel("CPU seconds per 1,000 tasks")
+    axis.set_ylim(top=max(bottoms) * 1.2)
     axis.set_title(
         f"CPU per 1,000 tasks (Redis), ratio {summary['ratio']}\n{_title(report)}", fontsize=10
     )

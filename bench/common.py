@@ -294,27 +294,38 @@ def rounds(
     *,
     keys: tuple[str, ...] = ("value",),
     unit: str = "/s",
+    peers: dict[str, Callable[[], Sample]] | None = None,
 ) -> dict[str, Any]:
     """A B A B ...: `count` pairs; a pair taken while steal was above the limit is repeated.
 
     Each side returns a dict of numbers; the medians of `keys` and their ratios are the result.
+    `peers` are more baselines, each taken after the baseline in every round (A B C D A B C D
+    ...); their medians and taskdock's ratio to each are under "peers".
     """
+    peers = peers or {}
     task = ui.task(name, count)
     runs: list[dict[str, Any]] = []
     for number in range(count):
         for attempt in range(STEAL_ATTEMPTS):
-            with steal_meter() as steal_a:
-                a = taskdock()
-            with steal_meter() as steal_b:
-                b = baseline()
-            steal = max(steal_a[0], steal_b[0])
+            a, steal_a = _with_steal(taskdock)
+            b, steal_b = _with_steal(baseline)
+            others = {peer: _with_steal(measure) for peer, measure in peers.items()}
+            steal = max(steal_a, steal_b, *(value for _, value in others.values()))
             if steal <= STEAL_LIMIT or attempt == STEAL_ATTEMPTS - 1:
                 break
             ui.log(f"  {name} round {number + 1}: steal {steal:.0f}%, repeating")
-        runs.append(
-            {"taskdock": a, "baseline": b, "steal_percent": round(steal, 1), "repeats": attempt}
-        )
+        run: dict[str, Any] = {
+            "taskdock": a,
+            "baseline": b,
+            "steal_percent": round(steal, 1),
+            "repeats": attempt,
+        }
+        if peers:
+            run["peers"] = {peer: sample for peer, (sample, _) in others.items()}
+        runs.append(run)
         shown = ", ".join(f"{key} {a[key]:,.4g} vs {b[key]:,.4g}{unit}" for key in keys)
+        for peer, (sample, _) in others.items():
+            shown += f"; {peer} " + ", ".join(f"{sample[key]:,.4g}{unit}" for key in keys)
         ui.log(f"  {name} {number + 1}/{count}: {shown} (steal {steal:.1f}%)")
         ui.advance(task)
     result: dict[str, Any] = {"rounds": runs}
@@ -325,7 +336,19 @@ def rounds(
         result[f"taskdock_median{suffix}"] = round(a_median, 4)
         result[f"baseline_median{suffix}"] = round(b_median, 4)
         result[f"ratio{suffix}"] = round(a_median / b_median, 4) if b_median else None
+        for peer in peers:
+            p_median = statistics.median(float(run["peers"][peer][key]) for run in runs)
+            found = result.setdefault("peers", {}).setdefault(peer, {})
+            found[f"median{suffix}"] = round(p_median, 4)
+            found[f"ratio{suffix}"] = round(a_median / p_median, 4) if p_median else None
     return result
+
+
+def _with_steal(measure: Callable[[], Sample]) -> tuple[Sample, float]:
+    """One side's sample, and the CPU steal percentage while it was taken."""
+    with steal_meter() as steal:
+        sample = measure()
+    return sample, steal[0]
 
 
 # --- wrk ------------------------------------------------------------------------------------
@@ -540,12 +563,22 @@ class Bench:
     def dispatcher(self, env: dict[str, str]) -> Proc:
         return self.spawn("dispatcher", [sys.executable, "-m", "app.cli", "dispatcher"], env)
 
-    def raw_worker(self, broker_url: str, concurrency: int) -> Proc:
-        """The baseline's plain Celery worker, with the same flags as taskdock's."""
-        ready = self.work / "raw-worker.ready"
+    def raw_worker(
+        self, broker_url: str, concurrency: int, name: str = "raw", **extra: str
+    ) -> Proc:
+        """The baseline's plain Celery worker, with the same flags as taskdock's.
+
+        `name` is its hostname and queue (bench.raw_celery.queue); `extra` is more of its
+        environment (BENCH_RESULT_BACKEND for a peer).
+        """
+        ready = self.work / f"{name}-worker.ready"
         ready.unlink(missing_ok=True)
         env = self.env(
-            BENCH_BROKER_URL=broker_url, BENCH_READY_FILE=str(ready), BENCH_LOG_LEVEL="WARNING"
+            BENCH_BROKER_URL=broker_url,
+            BENCH_READY_FILE=str(ready),
+            BENCH_LOG_LEVEL="WARNING",
+            BENCH_RAW_NAME=name,
+            **extra,
         )
         args = [
             sys.executable,
@@ -555,10 +588,10 @@ class Bench:
             "bench.raw_celery",
             "worker",
             "--loglevel=WARNING",
-            *worker_flags(concurrency, "raw"),
+            *worker_flags(concurrency, name),
         ]
-        proc = self.spawn("raw-worker", args, env)
-        wait_for(lambda: proc.check() and ready.exists(), timeout=60, what="the raw worker")
+        proc = self.spawn(f"{name}-worker", args, env)
+        wait_for(lambda: proc.check() and ready.exists(), timeout=60, what=f"the {name} worker")
         return proc
 
     def stop_all(self) -> None:
@@ -566,15 +599,16 @@ class Bench:
             proc.stop()
         self.procs.clear()
 
-    def backend_pids(self) -> list[int]:
-        """PostgreSQL backends serving the scratch database, except the benchmark's own."""
+    def backend_pids(self, database: str | None = None) -> list[int]:
+        """PostgreSQL backends serving the scratch database (or `database`), except the
+        benchmark's own."""
         with self.engine.connect() as connection:
             rows = connection.execute(
                 text(
                     "SELECT pid FROM pg_stat_activity WHERE datname = :name"
                     " AND application_name <> :me"
                 ),
-                {"name": self.database_name, "me": BENCH_APP_NAME},
+                {"name": database or self.database_name, "me": BENCH_APP_NAME},
             )
             return [int(row[0]) for row in rows]
 

@@ -6,6 +6,11 @@ records their values. The worker gets the same flags (bench.common.worker_flags)
 Not mirrored, being part of what taskdock adds: its per-message time limits, headers and
 ids, and its heartbeat bootstep.
 
+The same app is also the peers: Celery with one of its own result backends. At start-up
+BENCH_RESULT_BACKEND (a result backend URL) switches results on (result_settings), and
+BENCH_RAW_NAME gives the worker's queue and hostname, so raw Celery and its peers can wait
+side by side on one broker, each for its own turn.
+
     python -m bench.raw_celery produce N         enqueue N no-ops with .delay()
     python -m bench.raw_celery pace RATE SECONDS MAX_LAG   .delay() stamp tasks at a steady rate
 """
@@ -25,7 +30,6 @@ from celery import Celery, signals
 from app.core.celery import create_celery_app
 from app.core.config import Settings
 
-QUEUE = "bench.raw"
 COUNT_KEY = "raw:count"
 FIRST_KEY = "raw:first"
 DONE_KEY = "raw:done"
@@ -60,11 +64,34 @@ def mirrored_settings(broker: str) -> dict[str, Any]:
     return {key: conf[key] for key in MIRRORED}
 
 
+def result_settings(backend: str | None) -> dict[str, Any]:
+    """What a peer changes in the mirrored settings: Celery records each result in `backend`.
+
+    The SQL backend (`db+postgresql+psycopg://`) also records the start, as taskdock records
+    RUNNING; the Redis backend keeps Celery's default, the result only.
+    """
+    if not backend:
+        return {}
+    return {
+        "result_backend": backend,
+        "task_ignore_result": False,
+        "task_track_started": backend.startswith("db+"),
+    }
+
+
+def queue(name: str) -> str:
+    """The queue of the raw worker or peer called `name` (its hostname is `name@bench`)."""
+    return f"bench.{name}"
+
+
 BROKER = os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/0")
 app = Celery("baseline", broker=BROKER)
 app.conf.update(
-    task_default_queue=QUEUE, worker_hijack_root_logger=False, **mirrored_settings(BROKER)
+    task_default_queue=queue(os.environ.get("BENCH_RAW_NAME", "raw")),
+    worker_hijack_root_logger=False,
+    **mirrored_settings(BROKER),
 )
+app.conf.update(result_settings(os.environ.get("BENCH_RESULT_BACKEND")))
 
 
 @lru_cache

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from bench import bench_api, bench_e2e, bench_footprint, bench_pg, bench_profile, charts
+from bench.bench_e2e import PEERS
 from bench.bench_profile import PROFILED, layers_seen
 from bench.common import RESULTS, Options, console, fmt, machine_info, now_stamp, ui, write_json
 
@@ -113,6 +114,23 @@ def _ratio_row(label: str, result: dict[str, Any], target: str, unit: str, key: 
     )
 
 
+def _peer_rows(
+    number: str,
+    label: str,
+    taskdock: float,
+    peers: dict[str, dict[str, Any]],
+    value: str,
+    unit: str,
+) -> list[str]:
+    """One row per peer: taskdock's median, the peer's `value` and taskdock ÷ the peer."""
+    return [
+        f"| {number}. {label} (vs {PEERS[peer]}) | {fmt(taskdock)} {unit} | "
+        f"{fmt(found[value])} {unit} | {fmt(found['ratio'])} | "
+        f"{PEER_TARGETS.get((number, peer), '')} |"
+        for peer, found in peers.items()
+    ]
+
+
 def summary(report: dict[str, Any], images: list[str]) -> str:
     machine = report["machine"]
     lines = [
@@ -180,6 +198,8 @@ SUITES = {
     "rabbitmq": "rabbitmq",
     "redis_outbox": "redis, the dispatcher publishing",
 }
+# (metric, peer): taskdock, which also makes submission durable, should beat the SQL backend.
+PEER_TARGETS = {("2", "celery_sql_backend"): "> 1", ("5", "celery_sql_backend"): "< 1"}
 
 
 def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
@@ -194,6 +214,14 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
                     ">= 0.8",
                     "/s",
                 )
+            )
+            rows += _peer_rows(
+                "2",
+                f"end-to-end throughput, {label}",
+                suite["throughput"]["taskdock_median"],
+                suite["throughput"].get("peers", {}),
+                "median",
+                "/s",
             )
     for suite_name in ("redis", "redis_outbox"):
         for field, target in (("latency", "<= 1.5 (p50)"), ("latency_unloaded", "")):
@@ -220,6 +248,14 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
                 f"| 5. CPU per 1,000 tasks, {SUITES[suite_name]} (vs raw Celery) | "
                 f"{fmt(cpu['taskdock_total'])} s | {fmt(cpu['baseline_total'])} s | "
                 f"{fmt(cpu['ratio'])} | <= 2.0 |"
+            )
+            rows += _peer_rows(
+                "5",
+                f"CPU per 1,000 tasks, {SUITES[suite_name]}",
+                cpu["taskdock_total"],
+                cpu.get("peers", {}),
+                "total",
+                "s",
             )
     return rows
 
