@@ -171,15 +171,19 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
     if claim.delivery > settings.task_max_deliveries:
         # Every earlier delivery of this attempt died with its worker: a poison task.
         reason = f"the worker was lost {claim.delivery - 1} times running this attempt"
-        with statement_scope() as session:
-            lifecycle.give_up(session=session, claim=claim, reason=reason)
+        _write_outcome(
+            lambda session: lifecycle.give_up(session=session, claim=claim, reason=reason),
+            patience=settings.task_lease_seconds,
+        )
         logger.error("poison task failed after repeated worker loss")
         return Ended(Outcome.FAILED, error={"type": "WorkerLost", "message": reason})
 
     try:
         task_type = get_task_type(claim.type)
     except UnknownTaskType as exc:
-        return _record_failure(claim=claim, exc=exc, task_type=None)
+        return _record_failure(
+            claim=claim, exc=exc, task_type=None, patience=settings.task_lease_seconds
+        )
 
     ctx = TaskContext(task_id=str(claim.task_id), attempt=claim.attempt, delivery=claim.delivery)
     logger.info("task started")
@@ -187,7 +191,9 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
         payload = task_type.validate_payload(claim.payload)
     except ValidationError as exc:
         # The payload the record holds does not fit the type: no run makes it fit.
-        return _record_failure(claim=claim, exc=exc, task_type=None)
+        return _record_failure(
+            claim=claim, exc=exc, task_type=None, patience=settings.task_lease_seconds
+        )
     try:
         with _renewer.hold(claim=claim, ctx=ctx, lease_seconds=settings.task_lease_seconds):
             # The task's own exceptions, a ValidationError of data it fetched included, follow
@@ -262,8 +268,8 @@ def _record_failure(
     claim: lifecycle.Claim,
     exc: BaseException,
     task_type: TaskType | None,
+    patience: float,
     context: str | None = None,
-    patience: float = 0.0,
 ) -> Ended:
     """Write the failed run; retried only when `task_type`'s policy covers `exc`."""
     retry_in: float | None = None
