@@ -359,7 +359,7 @@ def keys_list() -> None:
 
 @keys.command("revoke")
 def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.")]) -> None:
-    """Revoke a key; requests with it are refused at once."""
+    """Revoke a key; every API process refuses it within TASKDOCK_API_KEY_CACHE_SECONDS."""
     from app.auth import service as keys_service
     from app.core.db import session_scope
     from app.core.errors import AppError
@@ -369,6 +369,9 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key's id or prefix.
         with session_scope() as session:
             revoked = keys_service.revoke(session=session, key=key)
             typer.echo(f"revoked {revoked.id} ({revoked.prefix})")
+            seconds = get_settings().api_key_cache_seconds
+            if seconds:
+                typer.echo(f"API processes refuse it within {seconds:g} s", err=True)
     except AppError as exc:
         typer.echo(exc.message, err=True)
         raise typer.Exit(1) from None

@@ -19,13 +19,14 @@ from app.api.metrics import router as metrics_router
 from app.api.ratelimit import RateLimiter
 from app.api.request_id import RequestIdMiddleware
 from app.api.router import api_router
+from app.auth.service import KeyCache
 from app.core import metrics
 from app.core.celery import get_celery_app
 from app.core.config import Settings, get_settings, warn_unknown_variables
 from app.core.db import set_process_role
 from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
-from app.tasks.publisher import Publisher
+from app.tasks.publication import Publisher, Submitter
 from app.tasks.registry import load_task_modules
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery_app = celery_app
     app.state.database = Database(settings=settings)
     app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
+    app.state.submitter = Submitter(
+        settings=settings, database=app.state.database, publisher=app.state.publisher
+    )
     app.state.rate_limiter = RateLimiter(settings)
+    app.state.key_cache = KeyCache(seconds=settings.api_key_cache_seconds)
     app.state.state_registry = CollectorRegistry(auto_describe=False)
     app.state.state_registry.register(StateCollector(celery_app))
     metrics.PROCESSES.labels("api").set(1)
@@ -84,9 +89,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Around everything but the metrics, so even a 413 carries the request id.
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(HttpMetrics)
+    # Routes are matched in order: the API's first, since its polls and submits are most of
+    # the traffic (probes and scrapes come every few seconds).
+    app.include_router(api_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
-    app.include_router(api_router)
     return app
 
 

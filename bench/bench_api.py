@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
+    AUTH,
     ROOT,
     Bench,
     Options,
@@ -136,7 +137,7 @@ def run(options: Options) -> dict[str, Any]:
         _, api = bench.api(env)
         _, hello = hello_server(bench, env)
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
-        task = httpx.post(f"{api}/api/v1/tasks", json=SUBMIT_BODY).json()
+        task = httpx.post(f"{api}/api/v1/tasks", json=SUBMIT_BODY, headers=AUTH).json()
 
         ui.log("[bold]metric 1: submit efficiency[/bold]")
         submit = rounds(

@@ -29,6 +29,7 @@ import httpx
 
 from bench.bench_api import SUBMIT_BODY, hello_server, raw_enqueue_rate
 from bench.common import (
+    AUTH,
     Options,
     bench_world,
     cpu_seconds,
@@ -196,7 +197,7 @@ def run(options: Options) -> dict[str, Any]:
         env = bench.env()
         api, base = bench.api(env)
         hello_proc, hello = hello_server(bench, env, name="hello-profile")
-        task = httpx.post(f"{base}/api/v1/tasks", json=SUBMIT_BODY).json()
+        task = httpx.post(f"{base}/api/v1/tasks", json=SUBMIT_BODY, headers=AUTH).json()
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
         progress = ui.task("profiles", 4)
         result: dict[str, Any] = {"rate_hz": RATE_HZ, "connections": options.connections}

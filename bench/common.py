@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -351,6 +352,12 @@ def _with_steal(measure: Callable[[], Sample]) -> tuple[Sample, float]:
     return sample, steal[0]
 
 
+# The benchmark's API key: made anew each run (its subprocesses inherit it), registered in its
+# scratch database only.
+API_KEY = os.environ.setdefault("BENCH_API_KEY", f"bench-{secrets.token_urlsafe(24)}")
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 # --- wrk ------------------------------------------------------------------------------------
 
 WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
@@ -375,6 +382,8 @@ def wrk(
     """Requests per second and latency percentiles; raises if too many answers were errors."""
     threads = min(2, connections)
     args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--latency"]
+    # Every request carries the API key, the baselines' too: the same bytes on the wire.
+    args += ["-H", f"Authorization: Bearer {API_KEY}"]
     if script is not None:
         args += ["-s", str(script)]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
@@ -502,7 +511,9 @@ class Bench:
     procs: list[Proc] = field(default_factory=list)
 
     def env(self, broker_url: str | None = None, **extra: str) -> dict[str, str]:
-        """taskdock's environment: no auth, no rate limits, no quota, quiet logs."""
+        """taskdock's environment as deployed (API keys on, rate limits counted) but with
+        limits too high to refuse anything, no quota (no worker drains the submit rounds),
+        quiet logs."""
         env = {
             key: value
             for key, value in os.environ.items()
@@ -513,7 +524,9 @@ class Bench:
                 "PYTHONPATH": str(ROOT),
                 "TASKDOCK_DATABASE_URL": self.database_url,
                 "TASKDOCK_BROKER_URL": broker_url or f"{self.redis_url}/0",
-                "TASKDOCK_AUTH_ENABLED": "false",
+                "TASKDOCK_AUTH_ENABLED": "true",
+                # Registered (admin) by `taskdock migrate`; every request sends it (AUTH).
+                "TASKDOCK_BOOTSTRAP_API_KEY": API_KEY,
                 "TASKDOCK_RATE_LIMIT_SUBMIT": "100000000/minute",
                 "TASKDOCK_RATE_LIMIT_READ": "100000000/minute",
                 "TASKDOCK_MAX_UNFINISHED_TASKS": "0",

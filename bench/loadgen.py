@@ -16,6 +16,8 @@ import time
 
 import httpx
 
+from bench.common import AUTH
+
 
 async def run(
     url: str, rate: float, seconds: float, max_lag: float, connections: int
@@ -39,7 +41,7 @@ async def run(
         finally:
             slots.release()
 
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=30, headers=AUTH) as client:
         await client.get(f"{url}/health/live")
         pending: set[asyncio.Task[None]] = set()
         wall0, mono0 = time.time(), time.monotonic()

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypeVar
 
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Request
+from sqlalchemy import Executable
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import (
     DatabaseFileGone,
+    Statements,
     build_async_engine,
     session_factory,
     sqlite_file_problem,
 )
-from app.tasks.publisher import Publisher
+from app.tasks.publication import Submitter
 
 # The version prefix; each domain router carries it so routes know their full template.
 API_V1 = "/api/v1"
@@ -45,6 +47,7 @@ class Database:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
         self._autocommit: async_sessionmaker[AsyncSession] | None = None
+        self._statements: Statements | None = None
 
     async def autocommit(self, work: Callable[..., T], /, **kwargs: Any) -> T:
         """Call `work(session=..., **kwargs)`, each statement committed as it runs.
@@ -73,6 +76,27 @@ class Database:
             result = await session.run_sync(_call, work, kwargs)
             await session.commit()
             return result
+
+    async def fetch_one(
+        self, statement: Executable, parameters: dict[str, Any]
+    ) -> Mapping[str, Any] | None:
+        """The first row of a Core SELECT, as a mapping: no Session, no ORM object.
+
+        For the hottest reads (a task by id): on PostgreSQL one round trip on a pooled
+        connection in autocommit, and nothing else.
+        """
+        if self.settings.embedded:
+            return await self._in_thread(
+                _fetch_one, {"statement": statement, "parameters": parameters}
+            )
+        return await (await self._fast()).fetch_one(statement, parameters)
+
+    async def execute_many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
+        """One statement for many rows (the group commit's INSERT), committed on return."""
+        if self.settings.embedded:
+            await self._in_thread(_execute_many, {"statement": statement, "rows": rows})
+            return
+        await (await self._fast()).execute_many(statement, rows)
 
     async def _in_thread(self, work: Callable[..., T], kwargs: dict[str, Any]) -> T:
         return await anyio.to_thread.run_sync(_in_session, work, kwargs, limiter=self.limiter)
@@ -108,20 +132,43 @@ class Database:
             )
         return self._sessions, self._autocommit
 
+    async def _fast(self) -> Statements:
+        """The hot statements' psycopg pool (app.core.db.Statements), one per event loop."""
+        self._async_sessions()  # on a new event loop, drops the old loop's pools
+        if self._statements is None:
+            self._statements = Statements(self.settings)
+            await self._statements.open()
+        return self._statements
+
     def _drop_engine(self) -> None:
         if self._engine is not None:
             # Its connections belong to another loop: forget them without touching them.
             self._engine.sync_engine.dispose(close=False)
         self._engine = self._loop = self._sessions = self._autocommit = None
+        # A pool of another loop's connections: left to the garbage collector.
+        self._statements = None
 
     async def close(self) -> None:
         if self._engine is not None and self._loop is asyncio.get_running_loop():
             await self._engine.dispose()
+            if self._statements is not None:
+                await self._statements.close()
         self._drop_engine()
 
 
 def _call(session: Session, work: Callable[..., T], kwargs: dict[str, Any]) -> T:
     return work(session=session, **kwargs)
+
+
+def _fetch_one(
+    *, session: Session, statement: Executable, parameters: dict[str, Any]
+) -> Mapping[str, Any] | None:
+    row = session.execute(statement, parameters).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _execute_many(*, session: Session, statement: Executable, rows: list[dict[str, Any]]) -> None:
+    session.execute(statement, rows)
 
 
 def _in_session(work: Callable[..., T], kwargs: dict[str, Any]) -> T:
@@ -146,10 +193,10 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def get_publisher(request: Request) -> Publisher:
-    publisher: Publisher = request.app.state.publisher
-    return publisher
+async def get_submitter(request: Request) -> Submitter:
+    submitter: Submitter = request.app.state.submitter
+    return submitter
 
 
 DatabaseDep = Annotated[Database, Depends(get_database)]
-PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+SubmitterDep = Annotated[Submitter, Depends(get_submitter)]

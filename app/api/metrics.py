@@ -20,7 +20,7 @@ from app.core.config import get_settings
 from app.core.db import session_scope
 from app.db.base import utcnow
 from app.tasks.models import Task
-from app.tasks.publisher import queue_depths
+from app.tasks.publication import queue_depths
 from app.tasks.registry import known_queues
 from app.tasks.states import WAITING, TaskStatus
 from app.workers import service as workers_service

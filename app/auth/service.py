@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -88,7 +89,7 @@ def list_keys(*, session: Session) -> list[ApiKey]:
 
 
 def revoke(*, session: Session, key: str) -> ApiKey:
-    """Revoke by id or by prefix; a revoked key stops working at once."""
+    """Revoke by id or by prefix; each API process refuses it within its `KeyCache`'s time."""
     query = select(ApiKey).where(ApiKey.prefix == key)
     found = session.scalars(query).one_or_none()
     if found is None:
@@ -111,3 +112,36 @@ def authenticate(*, session: Session, plain: str) -> Principal | None:
     return Principal(
         owner=str(key.id), scopes=frozenset(Scope(scope) for scope in key.scopes), name=key.name
     )
+
+
+class KeyCache:
+    """The principals of keys checked in the last `seconds`, so a request costs no key lookup.
+
+    Only keys found valid are kept: a key created a moment ago works at once, and a wrong key
+    is looked up (and counted as a failure) every time. A revoked key is refused once its entry
+    is older than `seconds`.
+    """
+
+    def __init__(self, *, seconds: float, max_keys: int = 10_000) -> None:
+        self.seconds = seconds
+        self.max_keys = max_keys
+        self._entries: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, plain: str) -> Principal | None:
+        entry = self._entries.get(plain)
+        if entry is None:
+            return None
+        if entry[1] <= time.monotonic():
+            del self._entries[plain]
+            return None
+        return entry[0]
+
+    def put(self, plain: str, principal: Principal) -> None:
+        if self.seconds <= 0:
+            return
+        now = time.monotonic()
+        if len(self._entries) >= self.max_keys:
+            self._entries = {k: e for k, e in self._entries.items() if e[1] > now}
+            if len(self._entries) >= self.max_keys:
+                self._entries.clear()
+        self._entries[plain] = (principal, now + self.seconds)

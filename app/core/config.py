@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     auth_enabled: bool = True
     """API keys on every `/api` route. Off only when asked (`taskdock dev` does), with a warning
     at start."""
+    api_key_cache_seconds: Annotated[float, Field(ge=0, le=300)] = 5.0
+    """How long each API process trusts a key it has checked; a revoked key is refused within
+    this time (`0`: every request reads the key from the database)."""
     bootstrap_api_key: SecretStr | None = None
     """Registered with the admin scope by `taskdock migrate`: a new deployment's first key."""
 

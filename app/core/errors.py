@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -188,8 +190,11 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=headers or None,
         )
 
+    # The API's hottest statements run on psycopg directly (app.core.db.Statements): its own
+    # exceptions mean the same as SQLAlchemy's wrappers of them.
     @app.exception_handler(DataError)
-    async def _bad_data(_request: Request, exc: DataError) -> JSONResponse:
+    @app.exception_handler(psycopg.DataError)
+    async def _bad_data(_request: Request, exc: Exception) -> JSONResponse:
         # A value the database refuses (a NUL byte, an out-of-range number): the client's input.
         return JSONResponse(
             status_code=422,
@@ -199,6 +204,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(PoolTimeout)
+    @app.exception_handler(psycopg.OperationalError)
+    @app.exception_handler(psycopg.InterfaceError)
+    @app.exception_handler(PsycopgPoolTimeout)
     async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         logger.warning("database unavailable", extra={"reason": str(exc).splitlines()[0]})
         return JSONResponse(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ from sqlalchemy import Engine, text
 
 from app.core.config import Settings
 from app.core.db import get_engine, session_scope
-from app.tasks import lifecycle, service
-from app.tasks.publisher import queue_depths, send
-from app.tasks.registry import UnknownTaskType, get_task_type
+from app.tasks import lifecycle
+from app.tasks.publication import doorbell, queue_depths, send_batch
+from app.tasks.registry import time_limits
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +114,11 @@ class Dispatcher:
 
     def hard_limit(self, type_: str) -> float:
         """Seconds after which Celery has killed a run of this type."""
-        try:
-            limit = get_task_type(type_).time_limit
-        except UnknownTaskType:
-            limit = None
-        return (
-            limit or self.settings.task_default_time_limit
-        ) + self.settings.task_hard_limit_grace
+        return time_limits(
+            type_,
+            default=self.settings.task_default_time_limit,
+            grace=self.settings.task_hard_limit_grace,
+        ).hard
 
     def _publish_due(self, report: TickReport) -> None:
         try:
@@ -134,20 +131,18 @@ class Dispatcher:
                 )
                 if not due:
                     return
-                published: list[tuple[uuid.UUID, int]] = []
-                try:
-                    with self.celery_app.connection_for_write() as connection:
-                        for task in due:
-                            send(self.celery_app, service.doorbell(task), connection=connection)
-                            published.append((task.id, task.attempt))
-                except Exception as exc:
-                    report.errors.append(f"publish: {exc}")
+                # One broker round trip for the batch where the transport allows it.
+                sent, error = send_batch(self.celery_app, [doorbell(task) for task in due])
+                if error is not None:
+                    report.errors.append(f"publish: {error}")
                     logger.warning(
                         "broker unavailable; tasks stay in the outbox",
-                        extra={"waiting": len(due) - len(published), "reason": str(exc)},
+                        extra={"waiting": len(due) - sent, "reason": str(error)},
                     )
-                lifecycle.mark_many_published(session=session, published=published)
-                report.published = len(published)
+                lifecycle.mark_many_published(
+                    session=session, published=[(task.id, task.attempt) for task in due[:sent]]
+                )
+                report.published = sent
         except Exception as exc:
             report.errors.append(f"outbox: {exc}")
             logger.warning("outbox scan failed", exc_info=True)

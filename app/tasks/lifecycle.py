@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import traceback as tb
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -38,12 +38,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from app.core.db import DirectConnection
 from app.db.base import UTCDateTime, utcnow
 from app.tasks.models import Task
 from app.tasks.states import WAITING, TaskStatus, sources
 
-# A run's writes take an ORM Session or, on the worker's hot path, a Core Connection.
-Executor = Session | Connection
+# A run's writes take an ORM Session, a Core Connection or, on the worker's hot path on
+# PostgreSQL, the process's DirectConnection (app.core.db.statement_scope).
+Executor = Session | Connection | DirectConnection
 
 TRACEBACK_LIMIT = 4000
 MESSAGE_LIMIT = 1000
@@ -78,6 +80,14 @@ def rowcount(result: Any) -> int:
 # an ORM UPDATE per call, and its cache key, cost more of a worker's CPU than executing it.
 _table = cast(Table, Task.__table__)
 _c = _table.c
+
+
+def _status_is(states: Iterable[TaskStatus]) -> list[Any]:
+    # Equalities, not IN: an IN list's parameters are expanded per execution, and these
+    # statements are compiled once for the worker's DirectConnection.
+    return [_c.status == state.value for state in sorted(states)]
+
+
 _now = bindparam("b_now", type_=UTCDateTime())
 _this_attempt = and_(
     _c.id == bindparam("b_id", type_=_c.id.type), _c.attempt == bindparam("b_attempt")
@@ -89,9 +99,7 @@ _CLAIM = (
     .where(
         _this_attempt,
         or_(
-            _c.status.in_(
-                sorted(state.value for state in sources(TaskStatus.RUNNING) - {TaskStatus.RUNNING})
-            ),
+            *_status_is(sources(TaskStatus.RUNNING) - {TaskStatus.RUNNING}),
             # Redelivered after its worker vanished: only once that worker's lease ran out.
             and_(_c.status == TaskStatus.RUNNING.value, _c.lease_expires_at < _now),
         ),
@@ -110,7 +118,7 @@ _delivery = bindparam("b_delivery", type_=Integer())
 # This run's row: claimed by it, or still waiting where a database crash forgot the claim.
 _ours = or_(
     and_(_c.status == TaskStatus.RUNNING.value, _c.deliveries == _delivery),
-    and_(_c.status.in_(sorted(state.value for state in WAITING)), _c.deliveries == _delivery - 1),
+    and_(or_(*_status_is(WAITING)), _c.deliveries == _delivery - 1),
 )
 # PostgreSQL: this transaction's commit waits for the WAL flush, whatever the connection's
 # synchronous_commit. Set by the statement itself, so it costs no round trip; the EXISTS makes
@@ -205,38 +213,49 @@ def _dialect(session: Executor) -> str:
     return str(bind.dialect.name)
 
 
+_error = bindparam("b_error", type_=_c.error.type)
+# A failed run with a retry left: the next attempt waits in the outbox for its backoff.
+_RETRY = _for_dialect(
+    update(_table)
+    .where(_this_attempt, _ours)
+    .values(
+        status=TaskStatus.RETRYING.value,
+        attempt=_c.attempt + 1,
+        deliveries=0,
+        run_after=bindparam("b_run_after", type_=UTCDateTime()),
+        published_at=None,
+        queued_at=None,
+        error=_error,
+        updated_at=_now,
+        lease_expires_at=None,
+    )
+)
+_FAIL = _for_dialect(
+    update(_table)
+    .where(_this_attempt, _ours)
+    .values(
+        status=TaskStatus.FAILED.value,
+        deliveries=_delivery,
+        error=_error,
+        finished_at=_now,
+        updated_at=_now,
+        lease_expires_at=None,
+    )
+)
+
+
 def fail(
     *, session: Executor, claim: Claim, error: dict[str, Any], retry_in: float | None
 ) -> TaskStatus | None:
     """Record a failed run: RETRYING with a backoff, or FAILED. None if the run was stale."""
     now = utcnow()
+    parameters = {**_fence(claim), "b_error": error, "b_now": now}
     if retry_in is not None and claim.attempt < claim.max_attempts:
-        values: dict[str, Any] = {
-            "status": TaskStatus.RETRYING.value,
-            "attempt": claim.attempt + 1,
-            "deliveries": 0,
-            "run_after": now + timedelta(seconds=retry_in),
-            "published_at": None,
-            "queued_at": None,
-            "error": error,
-            "updated_at": now,
-            "lease_expires_at": None,
-        }
-        target = TaskStatus.RETRYING
+        statement, target = _RETRY, TaskStatus.RETRYING
+        parameters["b_run_after"] = now + timedelta(seconds=retry_in)
     else:
-        values = {
-            "status": TaskStatus.FAILED.value,
-            "deliveries": claim.delivery,
-            "error": error,
-            "finished_at": now,
-            "updated_at": now,
-            "lease_expires_at": None,
-        }
-        target = TaskStatus.FAILED
-    statement = update(_table).where(_this_attempt, _ours).values(**values)
-    if _dialect(session) == "postgresql":
-        statement = _durable(statement)
-    outcome = session.execute(statement, _fence(claim))
+        statement, target = _FAIL, TaskStatus.FAILED
+    outcome = session.execute(statement[_dialect(session)], parameters)
     return target if rowcount(outcome) == 1 else None
 
 
@@ -280,12 +299,8 @@ def reap_expired_leases(
             # most likely be killed again, so it ends here.
             values = _failed(now, "TimeLimitExceeded", f"killed after its {ran:.0f}s time limit")
             reaped.timed_out += 1
-        elif row.deliveries >= max_deliveries:
-            values = _failed(
-                now,
-                "WorkerLost",
-                f"the worker was lost {row.deliveries} times running this attempt",
-            )
+        elif lost_too_often(row.deliveries, max_deliveries=max_deliveries):
+            values = _failed(now, "WorkerLost", worker_lost(row.deliveries))
             reaped.worker_lost += 1
         else:
             values = {"status": TaskStatus.QUEUED.value, "published_at": None}
@@ -303,6 +318,18 @@ def reap_expired_leases(
             .execution_options(synchronize_session=False)
         )
     return reaped
+
+
+def lost_too_often(lost_runs: int, *, max_deliveries: int) -> bool:
+    """Poison: every one of `max_deliveries` runs of this attempt died with its worker.
+
+    The one test of it, for the reaper (a lease ran out on the last run) and for a worker that
+    is handed the attempt once more (its claim counts the lost runs before it)."""
+    return lost_runs >= max_deliveries
+
+
+def worker_lost(lost_runs: int) -> str:
+    return f"the worker was lost {lost_runs} times running this attempt"
 
 
 def _failed(now: datetime, kind: str, message: str) -> dict[str, Any]:
@@ -393,5 +420,15 @@ def mark_many_published(*, session: Session, published: list[tuple[uuid.UUID, in
         update(Task)
         .where(tuple_(Task.id, Task.attempt).in_(published), Task.published_at.is_(None))
         .values(published_at=now, queued_at=func.coalesce(Task.queued_at, now))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def unmark_published(*, session: Session, task_id: uuid.UUID, attempt: int) -> None:
+    """The publish promised at insert did not happen: hand the task to the dispatcher."""
+    session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.attempt == attempt, Task.status == TaskStatus.QUEUED.value)
+        .values(published_at=None, queued_at=None)
         .execution_options(synchronize_session=False)
     )

@@ -141,6 +141,24 @@ def all_task_types() -> list[TaskType]:
     return sorted(_registry.values(), key=lambda task: task.name)
 
 
+@dataclass(frozen=True)
+class TimeLimits:
+    """A run's limits in seconds: at `soft` Celery raises SoftTimeLimitExceeded in the task,
+    at `hard` it kills the pool process; the reaper treats a run past `hard` as killed."""
+
+    soft: float
+    hard: float
+
+
+def time_limits(name: str, *, default: float, grace: float) -> TimeLimits:
+    """The one place the limits are worked out: the type's own limit, or the default
+    (TASKDOCK_TASK_DEFAULT_TIME_LIMIT), and the hard one `grace` seconds later
+    (TASKDOCK_TASK_HARD_LIMIT_GRACE). An unknown type (a module not loaded) gets the default."""
+    task = _registry.get(name)
+    soft = (task.time_limit if task is not None else None) or default
+    return TimeLimits(soft=soft, hard=soft + grace)
+
+
 def known_queues(extra: list[str]) -> set[str]:
     """Every queue a worker consumes by default and a submission may name."""
     return {task.queue for task in _registry.values()} | {"default"} | set(extra)

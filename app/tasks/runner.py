@@ -82,6 +82,9 @@ class LeaseRenewer:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid: int | None = None
+        # When the thread will next look on its own: a run due later needs no wake-up, and
+        # waking a thread for every task was a context switch per task.
+        self._next_look = 0.0
 
     @contextlib.contextmanager
     def hold(
@@ -94,7 +97,9 @@ class LeaseRenewer:
                 self._pid = os.getpid()
                 threading.Thread(target=self._loop, name="lease-renewer", daemon=True).start()
             self._runs[key] = run
-        self._wake.set()
+            wake = run.renew_at < self._next_look
+        if wake:
+            self._wake.set()
         try:
             yield
         finally:
@@ -112,8 +117,9 @@ class LeaseRenewer:
                 self._renew(run)
             with self._lock:
                 next_at = min((run.renew_at for run in self._runs.values()), default=None)
-            wait = 60.0 if next_at is None else next_at - time.monotonic()
-            self._wake.wait(max(0.01, wait))
+                wait = 60.0 if next_at is None else max(0.01, next_at - time.monotonic())
+                self._next_look = time.monotonic() + wait
+            self._wake.wait(wait)
 
     def _renew(self, run: _Run) -> None:
         try:
@@ -168,9 +174,10 @@ def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings
 
 
 def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
-    if claim.delivery > settings.task_max_deliveries:
+    lost_runs = claim.delivery - 1  # this claim's delivery is the first not yet lost
+    if lifecycle.lost_too_often(lost_runs, max_deliveries=settings.task_max_deliveries):
         # Every earlier delivery of this attempt died with its worker: a poison task.
-        reason = f"the worker was lost {claim.delivery - 1} times running this attempt"
+        reason = lifecycle.worker_lost(lost_runs)
         _write_outcome(
             lambda session: lifecycle.give_up(session=session, claim=claim, reason=reason),
             patience=settings.task_lease_seconds,

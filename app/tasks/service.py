@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from pydantic import ValidationError
-from sqlalchemy import Table, and_, func, or_, select, update
+from sqlalchemy import Select, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -26,9 +26,8 @@ from app.tasks.exceptions import (
     TaskNotFound,
 )
 from app.tasks.models import Task
-from app.tasks.publisher import Doorbell
 from app.tasks.registry import get_task_type, known_queues
-from app.tasks.schemas import TaskCreate
+from app.tasks.schemas import TaskCreate, TaskRead
 from app.tasks.states import (
     TERMINAL,
     UNFINISHED,
@@ -38,31 +37,27 @@ from app.tasks.states import (
     sources,
 )
 
+_TABLE = cast(Table, Task.__table__)
+
 
 def request_hash(data: TaskCreate) -> str:
     canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def submit(
+def prepare(
     *,
-    session: Session,
     data: TaskCreate,
     owner: str,
     idempotency_key: str | None,
     request_id: str | None = None,
-    max_unfinished: int = 0,
     publishing: bool = False,
-) -> tuple[Task, bool]:
-    """Record a new task (QUEUED); returns (task, created).
+) -> dict[str, Any]:
+    """A submission's new row, validated: its payload against the type's input model, its
+    queue against the known ones. InvalidInput (422) names what is wrong; nothing is written.
 
-    Its only write is one INSERT, so the API runs it with each statement committed on its own
-    (`Database.autocommit`): keep it so, or move it to `Database.transaction`.
-
-    With `publishing`, a task due now is recorded as published in the same insert: the caller
-    publishes right after its commit, and calls `unmark_published` if that fails. One commit
-    per submit instead of two; if the process dies between commit and publish, the dispatcher's
-    lost-message sweep publishes it later (TASKDOCK_REPUBLISH_AFTER_SECONDS).
+    With `publishing`, a task due now is recorded as published: the API publishes it right
+    after the commit and unmarks it if that fails (app/tasks/publication.py).
     """
     task_type = get_task_type(data.type)
     try:
@@ -82,15 +77,6 @@ def submit(
                 {"loc": ["body", "queue"], "msg": f"unknown queue {queue!r}", "type": "unknown"}
             ],
         )
-    digest = request_hash(data)
-    if idempotency_key is not None:
-        existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
-        if existing is not None:
-            return _same_request(existing, digest), False
-
-    if max_unfinished:
-        _check_quota(session=session, owner=owner, limit=max_unfinished)
-
     now = utcnow()
     run_after = now
     if data.countdown is not None:
@@ -108,38 +94,73 @@ def submit(
         "max_attempts": task_type.max_attempts,
         "deliveries": 0,
         "run_after": run_after,
+        "published_at": None,
+        "queued_at": None,
         "owner": owner,
         "idempotency_key": idempotency_key,
-        "request_hash": digest,
+        "request_hash": request_hash(data),
         "request_id": request_id,
         "created_at": now,
         "updated_at": now,
     }
     if publishing and run_after <= now:
         values["published_at"] = values["queued_at"] = now
-    # A prepared Core INSERT with the row as parameters, not session.add(): the ORM's flush,
-    # or building a statement around the values, cost more CPU than the round trip.
-    plain, unless_repeated = _inserts(session)
-    if idempotency_key is None:
-        session.execute(plain, values)
-        return Task(**values), True
+    return values
+
+
+def submit(
+    *,
+    session: Session,
+    data: TaskCreate,
+    owner: str,
+    idempotency_key: str | None,
+    request_id: str | None = None,
+    max_unfinished: int = 0,
+    publishing: bool = False,
+) -> tuple[Task, bool]:
+    """Record a submission (QUEUED) in a session; returns (task, created).
+
+    The API sends only submissions with an Idempotency-Key this way; the others take the group
+    commit (app/tasks/publication.py). Its only write is one INSERT, so the API runs it with
+    each statement committed on its own (`Database.autocommit`): keep it so, or move it to
+    `Database.transaction`.
+    """
+    values = prepare(
+        data=data,
+        owner=owner,
+        idempotency_key=idempotency_key,
+        request_id=request_id,
+        publishing=publishing,
+    )
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
+        if existing is not None:
+            return _same_request(existing, values["request_hash"]), False
+    if max_unfinished:
+        _check_quota(session=session, owner=owner, limit=max_unfinished)
     # The key's unique constraint settles concurrent repeats in the one statement.
-    if session.execute(unless_repeated, values).first() is None:
+    inserted = session.execute(_unless_repeated(session), values).first() is not None
+    if not inserted and idempotency_key is not None:
         existing = _by_idempotency_key(session=session, owner=owner, key=idempotency_key)
         if existing is None:
             raise RuntimeError("idempotency key conflict, yet no task holds the key")
-        return _same_request(existing, digest), False
+        return _same_request(existing, values["request_hash"]), False
     return Task(**values), True
+
+
+def insert_statement(dialect: str) -> Any:
+    """The group commit's INSERT, run with many rows in one transaction."""
+    return _inserts(dialect)[0]
 
 
 _INSERTS: dict[str, tuple[Any, Any]] = {}
 
 
-def _inserts(session: Session) -> tuple[Any, Any]:
-    """INSERT, and INSERT unless the idempotency key is taken, in the session's dialect."""
-    dialect = session.get_bind().dialect.name
+def _inserts(dialect: str) -> tuple[Any, Any]:
+    """INSERT, and INSERT unless the idempotency key is taken, in a dialect; built once, with
+    the row as parameters: building a statement around the values costs more than running it."""
     if dialect not in _INSERTS:
-        table = cast(Table, Task.__table__)
+        table = _TABLE
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
         _INSERTS[dialect] = (
             insert(table),
@@ -150,13 +171,23 @@ def _inserts(session: Session) -> tuple[Any, Any]:
     return _INSERTS[dialect]
 
 
+def _unless_repeated(session: Session) -> Any:
+    return _inserts(session.get_bind().dialect.name)[1]
+
+
+# Unfinished tasks of one owner: the quota's count (an index-only scan of ix_task_owner_status).
+UNFINISHED_COUNT = select(func.count().label("count")).where(
+    _TABLE.c.owner == bindparam("owner"),
+    _TABLE.c.status.in_(sorted(state.value for state in UNFINISHED)),
+)
+
+
 def _check_quota(*, session: Session, owner: str, limit: int) -> None:
-    unfinished = session.scalar(
-        select(func.count()).where(
-            Task.owner == owner, Task.status.in_([state.value for state in UNFINISHED])
-        )
-    )
-    if (unfinished or 0) >= limit:
+    check_quota(unfinished=session.scalar(UNFINISHED_COUNT, {"owner": owner}) or 0, limit=limit)
+
+
+def check_quota(*, unfinished: int, limit: int) -> None:
+    if unfinished >= limit:
         raise QuotaExceeded(
             f"this API key has {unfinished} unfinished tasks; the quota is {limit}", quota=limit
         )
@@ -183,6 +214,20 @@ def get(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     if task is None:
         raise TaskNotFound(task_id=str(task_id))
     return task
+
+
+# The hot read, built once: the columns TaskRead shows, by id, optionally limited to an owner.
+_READ = select(*(_TABLE.c[name] for name in TaskRead.model_fields)).where(
+    _TABLE.c.id == bindparam("task_id")
+)
+_READ_OWNED = _READ.where(_TABLE.c.owner == bindparam("owner"))
+
+
+def read_statement(*, task_id: uuid.UUID, owner: str | None) -> tuple[Select[Any], dict[str, Any]]:
+    """`get` as a Core statement and its parameters, for `Database.fetch_one`."""
+    if owner is None:
+        return _READ, {"task_id": task_id}
+    return _READ_OWNED, {"task_id": task_id, "owner": owner}
 
 
 def encode_cursor(task: Task) -> str:
@@ -306,30 +351,3 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     if not changed:
         raise IllegalTransition(f"a {task.status} task cannot be retried", status=task.status)
     return task
-
-
-def doorbell(task: Task) -> Doorbell:
-    """What the broker is told about a committed record."""
-    return Doorbell(
-        task_id=task.id,
-        attempt=task.attempt,
-        type=task.type,
-        queue=task.queue,
-        priority=task.priority,
-        time_limit=get_task_type(task.type).time_limit or get_settings().task_default_time_limit,
-        request_id=task.request_id,
-    )
-
-
-def mark_published(*, session: Session, task_id: uuid.UUID, attempt: int) -> None:
-    lifecycle.mark_many_published(session=session, published=[(task_id, attempt)])
-
-
-def unmark_published(*, session: Session, task_id: uuid.UUID, attempt: int) -> None:
-    """The publish promised at insert did not happen: hand the task to the dispatcher."""
-    session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.attempt == attempt, Task.status == TaskStatus.QUEUED.value)
-        .values(published_at=None, queued_at=None)
-        .execution_options(synchronize_session=False)
-    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,16 +57,43 @@ def test_api_routes_need_a_key(api: TestClient) -> None:
         assert response.headers["www-authenticate"] == "Bearer"
 
 
+def revoke(headers: dict[str, str]) -> None:
+    with session_scope() as session:
+        service.revoke(session=session, key=headers["Authorization"].split("_")[1])
+
+
 def test_unknown_and_revoked_keys_are_refused(api: TestClient) -> None:
+    api.app.state.key_cache.seconds = 0  # type: ignore[attr-defined]
     wrong = api.get("/api/v1/tasks", headers={"Authorization": "Bearer tdk_00000000_nope"})
     headers = new_key(Scope.READ)
     assert api.get("/api/v1/tasks", headers=headers).status_code == 200
-    prefix = headers["Authorization"].split("_")[1]
-    with session_scope() as session:
-        service.revoke(session=session, key=prefix)
+    revoke(headers)
 
     assert wrong.status_code == 401
     assert api.get("/api/v1/tasks", headers=headers).status_code == 401
+
+
+def test_a_revoked_key_is_refused_once_the_cache_time_has_passed(
+    auth_env: dict[str, str], configure: object
+) -> None:
+    from app.main import create_app
+
+    configure({**auth_env, "TASKDOCK_API_KEY_CACHE_SECONDS": "1"})  # type: ignore[operator]
+    headers = new_key(Scope.READ)
+    with TestClient(create_app(), raise_server_exceptions=False) as api:
+        assert api.get("/api/v1/tasks", headers=headers).status_code == 200
+        revoke(headers)
+        # Checked a moment ago, the key is trusted without a lookup: that is the cache's point.
+        cached = api.get("/api/v1/tasks", headers=headers).status_code
+        time.sleep(1.1)
+        refused = api.get("/api/v1/tasks", headers=headers)
+        # A new key works at once: nothing negative is remembered.
+        fresh = api.get("/api/v1/tasks", headers=new_key(Scope.READ)).status_code
+
+    assert cached == 200
+    assert refused.status_code == 401
+    assert refused.json()["code"] == "not_authenticated"
+    assert fresh == 200
 
 
 def test_health_metrics_and_docs_need_no_key(api: TestClient) -> None:
@@ -130,6 +158,7 @@ def test_idempotency_keys_are_per_api_key(api: TestClient) -> None:
 def test_keys_cli_prints_the_key_once_and_stores_a_hash(
     auth_env: dict[str, str], api: TestClient
 ) -> None:
+    api.app.state.key_cache.seconds = 0  # type: ignore[attr-defined]  # see the cache's own test
     created = taskdock(
         "keys", "create", "--name", "billing", "--scopes", "submit,read", env=auth_env
     )

@@ -36,9 +36,21 @@ class Request:
 class Load:
     """Submits `rate` tasks a second from a pool of senders until stopped."""
 
-    def __init__(self, base_url: str, *, rate: float, senders: int = 16) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        rate: float,
+        senders: int = 16,
+        sleep_ms: tuple[int, int] = (50, 300),
+        keys: bool = True,
+    ) -> None:
         self.base_url = base_url
         self.rate = rate
+        # How long each task sleeps, drawn from this range; and whether each submission
+        # carries an Idempotency-Key (the session path) or not (the group commit).
+        self.sleep_ms = sleep_ms
+        self.keys = keys
         self.run_id = uuid.uuid4().hex[:8]
         self.requests: list[Request] = []
         self._lock = threading.Lock()
@@ -71,12 +83,14 @@ class Load:
 
     def _send(self, seq: int) -> None:
         request = Request(seq=seq, key=f"chaos-{self.run_id}-{seq}", sent_at=time.time())
-        body = {"type": TASK_TYPE, "payload": {"seq": seq, "sleep_ms": random.randint(50, 300)}}
+        body = {
+            "type": TASK_TYPE,
+            "payload": {"seq": seq, "sleep_ms": random.randint(*self.sleep_ms)},
+        }
+        headers = {"Idempotency-Key": request.key} if self.keys else {}
         started = time.monotonic()
         try:
-            response = self._client.post(
-                "/api/v1/tasks", json=body, headers={"Idempotency-Key": request.key}
-            )
+            response = self._client.post("/api/v1/tasks", json=body, headers=headers)
         except httpx.ConnectError as exc:
             request.outcome, request.detail = REJECTED, f"connect: {exc}"
         except httpx.HTTPError as exc:

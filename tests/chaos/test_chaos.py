@@ -34,6 +34,10 @@ SECONDS = float(os.environ.get("CHAOS_SECONDS", "600"))
 # Below what the two workers finish here (about 16/s with 50-300 ms tasks on 2 busy cores):
 # a backlog should come from the faults, not from a load the system could never keep up with.
 RATE = float(os.environ.get("CHAOS_RATE", "10"))
+# Each task sleeps this many milliseconds ("low-high"); CHAOS_KEYS=0 submits without an
+# Idempotency-Key, so submissions take the group commit and the batched publish.
+SLEEP_MS = tuple(int(part) for part in os.environ.get("CHAOS_SLEEP_MS", "50-300").split("-"))
+KEYS = os.environ.get("CHAOS_KEYS", "1") != "0"
 FAULT_INTERVAL = float(os.environ.get("CHAOS_FAULT_INTERVAL", "12"))
 # Three leases: the stopped worker's runs are surely handed to another worker meanwhile.
 STOP_SECONDS = float(os.environ.get("CHAOS_STOP_SECONDS", "10"))
@@ -119,7 +123,8 @@ def test_nothing_accepted_is_lost_under_chaos(
 def run_soak(system: ChaosSystem, dsn: str) -> Soak:
     """The load for SECONDS while faults rotate, then the drain; every thread stopped after."""
     sampler = MemorySampler(system.pids, interval=2.0)
-    load = Load(system.base_url, rate=RATE)
+    low, high = SLEEP_MS
+    load = Load(system.base_url, rate=RATE, sleep_ms=(low, high), keys=KEYS)
     started = time.time()
     sampler.start()
     try:
@@ -169,6 +174,8 @@ def build_report(soak: Soak, system: ChaosSystem, dsn: str, stack: Stack) -> dic
         "settings": {
             "seconds": SECONDS,
             "rate": RATE,
+            "sleep_ms": list(SLEEP_MS),
+            "idempotency_keys": KEYS,
             "fault_interval": FAULT_INTERVAL,
             "stop_seconds": STOP_SECONDS,
             "workers": 2,

@@ -7,12 +7,14 @@ shared servers are never stopped.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -23,7 +25,7 @@ from app.core.db import session_scope
 from app.tasks.models import Task
 from tests.conftest import migrate_now
 from tests.support import services
-from tests.support.services import RedisServer, free_port
+from tests.support.services import RedisServer, free_port, wait_for
 from tests.support.stack import Stack, base_env, running_stack, wait_status
 
 pytestmark = pytest.mark.slow
@@ -366,3 +368,63 @@ def test_after_a_database_crash_every_task_finishes_within_30_seconds(
                 f"{len(pending)} of {len(ids)} unfinished 30 s after the database came back:\n"
                 f"{stack.dump_logs()}"
             )
+
+
+# The API of the test below: uvicorn serving taskdock, except that the moment a batch of
+# messages is about to leave for the broker the whole process is SIGKILLed. Its rows are
+# committed, and marked published, by then.
+DIES_BEFORE_PUBLISHING = """
+import os, signal, sys
+import uvicorn
+from app.tasks import publication
+
+def die(*_args, **_kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+publication.send_batch = die
+uvicorn.run("app.main:app", host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_an_api_killed_between_its_commit_and_its_publish_loses_nothing(
+    redis_system: tuple[dict[str, str], Stack], own_redis: RedisServer, tmp_path: Path
+) -> None:
+    env, stack = redis_system
+    own_redis.start()
+    port = free_port()
+    doomed = stack.spawn(
+        "doomed-api",
+        [sys.executable, "-c", DIES_BEFORE_PUBLISHING, str(port)],
+        env={**env, "TASKDOCK_REPUBLISH_AFTER_SECONDS": "10"},
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert doomed.alive(), doomed.output()[-3000:]
+        try:
+            return httpx.get(f"{base}/health/live", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=60, what="the doomed api")
+    body = {"type": "process_data", "payload": {"user_id": 7, "data": "x"}}
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(f"{base}/api/v1/tasks", json=body, timeout=10)  # no answer: it died
+    doomed.process.wait(timeout=10)  # type: ignore[union-attr]
+
+    with session_scope() as session:
+        rows = session.execute(select(Task.id, Task.status, Task.published_at)).all()
+    # Committed, and recorded as published, though the broker never heard of it.
+    assert len(rows) == 1
+    task_id, status, published_at = rows[0]
+    assert (status, published_at is not None) == ("QUEUED", True)
+    assert redis.Redis.from_url(own_redis.url).dbsize() == 0
+
+    # The lost-message sweep finds the broker short of one message and the outbox sends it.
+    stack.taskdock(
+        "dispatcher", "dispatcher", env={**env, "TASKDOCK_REPUBLISH_AFTER_SECONDS": "10"}
+    )
+    stack.worker()
+    with make_client() as client:
+        done = wait_status(client, str(task_id), {"SUCCEEDED", "FAILED"}, timeout=60)
+    assert done["status"] == "SUCCEEDED", stack.dump_logs()

@@ -19,7 +19,7 @@ from app.core.db import get_engine, session_scope
 from app.tasks import service
 from app.tasks.dispatcher import Dispatcher, OutboxListener
 from app.tasks.models import Task
-from app.tasks.publisher import queue_depths
+from app.tasks.publication import queue_depths
 from app.tasks.schemas import TaskCreate
 from tests.conftest import migrate_now
 from tests.support.services import RedisServer, scratch_database

@@ -1,0 +1,441 @@
+"""Publication: how a committed task reaches the broker. This docstring is the map.
+
+The record is the truth and a broker message only a doorbell: `(task_id, attempt)` in Celery's
+own message format (the one job `taskdock.execute`, named after the task type by Celery's
+`shadow`), so any Celery worker, `celery inspect` and Flower read it. Publishing twice is
+harmless (a run's claim is fenced by attempt and delivery); publishing never is what the three
+paths below prevent.
+
+1. **The API** (`Submitter`). A submission's row is written QUEUED and, when the API will ring
+   for it, already marked published (`published_at = queued_at = now`), in one INSERT that
+   concurrent submissions share (`GroupCommit`: one multi-row INSERT per round trip, each
+   request waiting for its own row's commit). After the commit its message joins the next
+   batch (`Publisher`: one broker round trip per batch: a Redis pipeline, or one AMQP channel).
+   A message not sent within TASKDOCK_PUBLISH_TIMEOUT is unmarked (`published_at = NULL`),
+   which puts its task in the outbox. Only then does the request answer 202.
+2. **The dispatcher** (app/tasks/dispatcher.py) publishes the outbox: waiting rows, due, not
+   marked, untouched for TASKDOCK_DISPATCH_GRACE_SECONDS, taken FOR UPDATE SKIP LOCKED; it marks
+   them once the broker took them. Countdowns, retries, the reaper's requeues and the API's
+   retry all reach the broker this way, and so does every submission when
+   TASKDOCK_PUBLISH_ON_SUBMIT=false or while the broker was found away.
+3. **The lost-message sweep** (`forget_lost_publications` in app/tasks/lifecycle.py, run by the
+   dispatcher) unmarks rows whose message the broker no longer holds: the API died between its
+   commit and its publish, or Redis restarted empty. It compares the broker's queue depths with
+   the marked rows, so only the shortfall is sent again and a backlog never multiplies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import psycopg
+from celery import Celery
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app.core.celery import JOB_NAME
+from app.core.config import Settings, get_settings
+from app.tasks import lifecycle, service
+from app.tasks.models import Task
+from app.tasks.registry import TimeLimits, time_limits
+from app.tasks.schemas import TaskCreate
+
+if TYPE_CHECKING:
+    from app.api.deps import Database
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    """What the broker carries: never the payload, only where to find it."""
+
+    task_id: uuid.UUID
+    attempt: int
+    type: str
+    queue: str
+    priority: int
+    limits: TimeLimits
+    request_id: str | None = None
+
+
+def doorbell(task: Task) -> Doorbell:
+    """What the broker is told about a committed record."""
+    return _doorbell(task.id, task.attempt, task.type, task.queue, task.priority, task.request_id)
+
+
+def row_doorbell(row: dict[str, Any]) -> Doorbell:
+    """`doorbell` for a row `service.prepare` made."""
+    return _doorbell(
+        row["id"], row["attempt"], row["type"], row["queue"], row["priority"], row["request_id"]
+    )
+
+
+def _doorbell(
+    task_id: uuid.UUID, attempt: int, type_: str, queue: str, priority: int, request_id: str | None
+) -> Doorbell:
+    return Doorbell(
+        task_id=task_id,
+        attempt=attempt,
+        type=type_,
+        queue=queue,
+        priority=priority,
+        limits=time_limits(
+            type_,
+            default=get_settings().task_default_time_limit,
+            grace=get_settings().task_hard_limit_grace,
+        ),
+        request_id=request_id,
+    )
+
+
+def message_id(task_id: uuid.UUID, attempt: int) -> str:
+    """One Celery id per attempt, so revoking an attempt never blocks a later retry."""
+    return f"{task_id}.{attempt}"
+
+
+def send(app: Celery, bell: Doorbell, *, producer: Any = None, connection: Any = None) -> None:
+    """Publish one message, without Celery's own retry loop (it can stall for seconds)."""
+    broker = app.conf.broker_url.split("://", 1)[0]
+    # Redis sorts priority 0 first, RabbitMQ 9 first; the API speaks RabbitMQ's language.
+    priority = 9 - bell.priority if broker.startswith("redis") else bell.priority
+    task_id = str(bell.task_id)
+    # Celery's stubs say int; it takes seconds as a float.
+    limits: dict[str, Any] = {"soft_time_limit": bell.limits.soft, "time_limit": bell.limits.hard}
+    app.send_task(
+        JOB_NAME,
+        kwargs={"task_id": task_id, "attempt": bell.attempt},
+        queue=bell.queue,
+        priority=priority,
+        task_id=message_id(bell.task_id, bell.attempt),
+        retry=False,
+        producer=producer,
+        connection=connection,
+        headers={"taskdock_type": bell.type, "taskdock_request_id": bell.request_id},
+        # What Flower, `celery inspect` and `celery events` show: the task type's name and the
+        # taskdock id. Given here, Celery does not build them with its (slower) saferepr.
+        shadow=bell.type,
+        argsrepr="()",
+        kwargsrepr=f"{{'task_id': '{task_id}', 'attempt': {bell.attempt}}}",
+        **limits,
+    )
+
+
+def send_batch(app: Celery, bells: Sequence[Doorbell]) -> tuple[int, Exception | None]:
+    """Publish messages in one broker round trip where the transport can (kombu's
+    `Producer.batch`: a Redis pipeline); elsewhere one after another on one channel.
+
+    Returns how many of `bells`, from the first, the broker took, and the error that stopped
+    the rest. A failed Redis batch counts as none sent, though some may have landed: a
+    duplicate costs nothing.
+    """
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            batched = producer.supports_batch_publish
+            with producer.batch(max_size=2 * len(bells) + 1):
+                for bell in bells:
+                    send(app, bell, producer=producer)
+                    if not batched:
+                        sent += 1
+        return len(bells), None
+    except Exception as exc:  # kombu raises several families; every one means "not sent"
+        return sent, exc
+
+
+class Batches(Generic[T, R]):
+    """Calls that arrive while a flush is in flight go together in the next one.
+
+    `flush(items)` gives one outcome per item, in order (an exception is raised to that item's
+    caller alone), or raises for all of them. With
+    nothing in flight a call is flushed at once, alone: no timer, no latency added at low
+    load; under load a batch is whatever came during the previous round trip.
+    """
+
+    def __init__(
+        self, flush: Callable[[list[T]], Awaitable[Sequence[R]]], *, max_items: int
+    ) -> None:
+        self._flush = flush
+        self.max_items = max_items
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def submit(self, item: T) -> R:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A test client may run several event loops in turn: start afresh on each.
+            self._loop, self._waiting, self._drainer = loop, [], None
+        future: asyncio.Future[R] = loop.create_future()
+        self._waiting.append((item, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._waiting:
+            batch = self._waiting[: self.max_items]
+            del self._waiting[: self.max_items]
+            try:
+                outcomes = await self._flush([item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():  # its request was cancelled meanwhile
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+
+class Publisher:
+    """The API's publishing: batched, and never blocking a request longer than `timeout`.
+
+    After a failure it stays quiet for a few seconds, so a dead broker costs the API
+    nothing; the dispatcher publishes what was skipped.
+    """
+
+    def __init__(
+        self, app: Celery, *, timeout: float, quiet_seconds: float = 5.0, max_batch: int = 500
+    ) -> None:
+        self.app = app
+        self.timeout = timeout
+        self.quiet_seconds = quiet_seconds
+        # One batch in flight at a time (see Batches), so one thread is enough.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        self._quiet_until = 0.0
+        self._lock = threading.Lock()
+        self._batches: Batches[Doorbell, bool] = Batches(self._send, max_items=max_batch)
+
+    @property
+    def quiet(self) -> bool:
+        """True while a recent failure says the broker is away: do not even try."""
+        return time.monotonic() < self._quiet_until
+
+    async def publish(self, bell: Doorbell) -> bool:
+        """Send one message with the next batch; False if it was not sent within `timeout`."""
+        if self.quiet:
+            return False
+        return await self._batches.submit(bell)
+
+    async def _send(self, bells: list[Doorbell]) -> list[bool]:
+        future = asyncio.wrap_future(self._executor.submit(send_batch, self.app, bells))
+        try:
+            sent, error = await asyncio.wait_for(future, timeout=self.timeout)
+        except TimeoutError:
+            self._quiet(f"publish took over {self.timeout}s")
+            return [False] * len(bells)
+        if error is not None:
+            self._quiet(f"{type(error).__name__}: {error}")
+        return [index < sent for index in range(len(bells))]
+
+    def _quiet(self, reason: str) -> None:
+        with self._lock:
+            self._quiet_until = time.monotonic() + self.quiet_seconds
+        logger.warning(
+            "broker publish failed; the dispatcher will publish", extra={"reason": reason}
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class QuotaCounts:
+    """Unfinished tasks per API key, as the database counted them a moment ago.
+
+    Counting on every submission would cost a round trip each. Here a count is reused for
+    FRESH_SECONDS, plus the submissions this process accepted since, and taken afresh for each
+    submission in the quota's last tenth: a refusal always rests on a fresh count. Across API
+    processes a key may pass its quota by what the others accept in the same instant.
+    """
+
+    FRESH_SECONDS = 1.0
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._counts: dict[str, tuple[int, float]] = {}
+
+    async def check(self, *, owner: str, limit: int) -> None:
+        """QuotaExceeded (429) when `owner` has `limit` unfinished tasks."""
+        count, taken = self._counts.get(owner, (0, 0.0))
+        now = time.monotonic()
+        if now - taken >= self.FRESH_SECONDS or count + max(1, limit // 10) >= limit:
+            row = await self.database.fetch_one(service.UNFINISHED_COUNT, {"owner": owner})
+            count = int(row["count"]) if row is not None else 0
+            if len(self._counts) > 10_000:
+                self._counts.clear()
+            self._counts[owner] = (count, now)
+        service.check_quota(unfinished=count, limit=limit)
+
+    def accepted(self, owner: str) -> None:
+        count, taken = self._counts.get(owner, (0, 0.0))
+        self._counts[owner] = (count + 1, taken)
+
+
+# The database is away or busy: no row of a batch can be written.
+UNAVAILABLE = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeout,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+
+
+class Submitter:
+    """The API's side of the protocol: commit (grouped), publish (batched), record."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        database: Database,
+        publisher: Publisher,
+        max_batch: int = 500,
+    ) -> None:
+        self.settings = settings
+        self.database = database
+        self.publisher = publisher
+        self.quota = QuotaCounts(database)
+        self._insert = service.insert_statement("sqlite" if settings.embedded else "postgresql")
+        self._commits: Batches[dict[str, Any], Exception | None] = Batches(
+            self._commit, max_items=max_batch
+        )
+
+    async def submit(
+        self,
+        *,
+        data: TaskCreate,
+        owner: str,
+        idempotency_key: str | None,
+        request_id: str | None,
+        quota: int,
+    ) -> tuple[dict[str, Any] | Task, bool]:
+        """Record a submission, committed, and ring for it; returns (record, created).
+
+        The record is the new row, or the task an earlier request with the same
+        Idempotency-Key made (created False). Its `queued_at` says whether the broker has
+        been told.
+        """
+        publishing = self.settings.publish_on_submit and not self.publisher.quiet
+        if idempotency_key is not None:
+            # The key's lookup and its unique constraint need statements of their own.
+            task, created = await self.database.autocommit(
+                service.submit,
+                data=data,
+                owner=owner,
+                idempotency_key=idempotency_key,
+                request_id=request_id,
+                max_unfinished=quota,
+                publishing=publishing,
+            )
+            if created:
+                await self._ring(doorbell(task), task, due=task.published_at is not None)
+            return task, created
+        row = service.prepare(
+            data=data,
+            owner=owner,
+            idempotency_key=None,
+            request_id=request_id,
+            publishing=publishing,
+        )
+        if quota:
+            await self.quota.check(owner=owner, limit=quota)
+        refused = await self._commits.submit(row)
+        if refused is not None:
+            raise refused
+        # Committed: durable before anything else happens.
+        if quota:
+            self.quota.accepted(owner)
+        if row["published_at"] is not None:
+            await self._ring(row_doorbell(row), row, due=True)
+        return row, True
+
+    async def _commit(self, rows: list[dict[str, Any]]) -> list[Exception | None]:
+        try:
+            await self.database.execute_many(self._insert, rows)
+        except UNAVAILABLE:
+            raise  # every request of the batch answers 503
+        except Exception:
+            if len(rows) == 1:
+                raise
+            # A row the database refuses must not fail the others: each is tried alone.
+            return [await self._commit_one(row) for row in rows]
+        return [None] * len(rows)
+
+    async def _commit_one(self, row: dict[str, Any]) -> Exception | None:
+        try:
+            await self.database.execute_many(self._insert, [row])
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:
+            return exc
+        return None
+
+    async def _ring(self, bell: Doorbell, record: dict[str, Any] | Task, *, due: bool) -> None:
+        """Publish a submission marked published at insert; unmark it if that fails."""
+        if not due or await self.publisher.publish(bell):
+            return
+        if isinstance(record, dict):
+            record["published_at"] = record["queued_at"] = None
+        else:
+            record.published_at = record.queued_at = None
+        await self.record(published=False, task_id=bell.task_id, attempt=bell.attempt)
+
+    async def ring(self, task: Task) -> bool:
+        """Publish a task already committed and not marked (a retry); mark it if sent."""
+        if not self.settings.publish_on_submit:
+            return False  # the commit woke the dispatcher
+        sent = await self.publisher.publish(doorbell(task))
+        if sent:
+            await self.record(published=True, task_id=task.id, attempt=task.attempt)
+        return sent
+
+    async def record(self, *, published: bool, task_id: uuid.UUID, attempt: int) -> None:
+        try:
+            if published:
+                await self.database.autocommit(
+                    lifecycle.mark_many_published, published=[(task_id, attempt)]
+                )
+            else:
+                await self.database.autocommit(
+                    lifecycle.unmark_published, task_id=task_id, attempt=attempt
+                )
+        except Exception:
+            # The request has succeeded and the task is recorded. A missing mark costs one
+            # duplicate message; a missing unmark leaves the task to the lost-message sweep.
+            logger.warning("could not record a task's publication", exc_info=True)
+
+
+def queue_depths(app: Celery, queues: list[str], *, timeout: int = 1) -> dict[str, int]:
+    """Messages ready in each broker queue (not those a worker holds unacknowledged).
+
+    Raises when the broker does not answer within `timeout`; a queue the broker does not know
+    (never declared, or on Redis emptied and so deleted) holds 0.
+    """
+    depths: dict[str, int] = {}
+    with app.connection_for_read() as connection:
+        connection.ensure_connection(max_retries=0, timeout=timeout)
+        channel: Any = connection.default_channel
+        for queue in queues:
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])
+            except connection.channel_errors:
+                depths[queue] = 0
+                channel = connection.channel()
+    return depths

@@ -1,0 +1,143 @@
+"""The API's side of publication: the group commit and the batched publish, on each backend."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from app.api.deps import Database
+from app.core.celery import get_celery_app
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.tasks import service
+from app.tasks.models import Task
+from app.tasks.publication import Batches, Publisher, Submitter
+from app.tasks.schemas import TaskCreate
+from tests.conftest import migrate_now
+from tests.support import services
+from tests.support.stack import base_env
+
+PROCESS = TaskCreate.model_validate(
+    {"type": "process_data", "payload": {"user_id": 1, "data": "x"}}
+)
+
+
+def new_row(**changes: Any) -> dict[str, Any]:
+    row = service.prepare(data=PROCESS, owner="", idempotency_key=None)
+    row.update(changes)
+    return row
+
+
+def test_calls_during_a_flush_go_together_in_the_next() -> None:
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushed.append(items)
+        await asyncio.sleep(0.01)  # a round trip, during which more calls arrive
+        return [item * 10 for item in items]
+
+    async def main() -> list[int]:
+        batches: Batches[int, int] = Batches(flush, max_items=3)
+        first = asyncio.ensure_future(batches.submit(0))
+        await asyncio.sleep(0)  # the first flush is in flight, alone
+        rest = [batches.submit(item) for item in range(1, 6)]
+        return [await first, *await asyncio.gather(*rest)]
+
+    outcomes = asyncio.run(main())
+
+    assert outcomes == [0, 10, 20, 30, 40, 50]  # each caller gets its own outcome
+    assert flushed == [[0], [1, 2, 3], [4, 5]]  # no more than max_items in one
+
+
+def test_a_row_the_database_refuses_fails_alone(backend: dict[str, str]) -> None:
+    settings = get_settings()
+    good = [new_row(), new_row()]
+    bad = new_row(priority=42)  # the table's CHECK refuses it
+
+    async def main() -> list[BaseException | None]:
+        database = Database(settings=settings)
+        publisher = Publisher(get_celery_app(), timeout=1.0)
+        submitter = Submitter(settings=settings, database=database, publisher=publisher)
+        try:
+            # Submitted together, so they share one INSERT until it fails.
+            outcomes = await asyncio.gather(
+                *(submitter._commits.submit(row) for row in [good[0], bad, good[1]]),
+                return_exceptions=True,
+            )
+        finally:
+            publisher.close()
+            await database.close()
+        return [outcome if isinstance(outcome, BaseException) else None for outcome in outcomes]
+
+    first, refused, second = asyncio.run(main())
+
+    assert first is None
+    assert second is None
+    assert refused is not None
+    assert "priority" in str(refused)
+    with session_scope() as session:
+        ids = set(session.scalars(select(Task.id)))
+        assert session.scalar(select(func.count()).select_from(Task)) == 2
+    assert ids == {good[0]["id"], good[1]["id"]}
+
+
+def submit_five() -> list[tuple[dict[str, Any] | Task, bool]]:
+    """Five submissions at once: they share one INSERT and one publish."""
+    settings = get_settings()
+
+    async def main() -> list[tuple[dict[str, Any] | Task, bool]]:
+        database = Database(settings=settings)
+        publisher = Publisher(get_celery_app(), timeout=2.0)
+        submitter = Submitter(settings=settings, database=database, publisher=publisher)
+        try:
+            return await asyncio.gather(
+                *(
+                    submitter.submit(
+                        data=PROCESS, owner="", idempotency_key=None, request_id=None, quota=0
+                    )
+                    for _ in range(5)
+                )
+            )
+        finally:
+            publisher.close()
+            await database.close()
+
+    answers = asyncio.run(main())
+    assert [created for _, created in answers] == [True] * 5
+    return answers
+
+
+def recorded() -> dict[Any, tuple[Any, Any]]:
+    with session_scope() as session:
+        rows = session.execute(select(Task.id, Task.published_at, Task.queued_at)).all()
+    return {row.id: (row.published_at, row.queued_at) for row in rows}
+
+
+def test_a_batch_is_recorded_and_published(backend: dict[str, str]) -> None:
+    answers = submit_five()
+
+    rows = recorded()
+    assert {record["id"] for record, _ in answers if isinstance(record, dict)} == set(rows)
+    assert all(published is not None for published, _ in rows.values())
+
+
+def test_a_batch_the_broker_did_not_take_is_left_to_the_dispatcher(
+    tmp_path: Path, configure: object
+) -> None:
+    with services.scratch_database() as url:
+        closed = f"redis://127.0.0.1:{services.free_port()}/0"
+        env = base_env(tmp_path / "data", TASKDOCK_DATABASE_URL=url, TASKDOCK_BROKER_URL=closed)
+        configure(env)  # type: ignore[operator]
+        migrate_now()
+        answers = submit_five()
+        rows = recorded()
+
+    assert {record["id"] for record, _ in answers if isinstance(record, dict)} == set(rows)
+    # Told so in each answer and in the record: the outbox has them.
+    assert [record.get("queued_at") for record, _ in answers if isinstance(record, dict)] == [
+        None
+    ] * 5
+    assert set(rows.values()) == {(None, None)}
