@@ -27,10 +27,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_reports(report: dict[str, Any], directory: Path, memory: list[Any]) -> list[Path]:
-    """<date>-chaos.json, <date>-chaos.md and, if matplotlib is there, <date>-chaos-memory.png."""
+def write_reports(
+    report: dict[str, Any], directory: Path, memory: list[Any], *, name: str = "chaos"
+) -> list[Path]:
+    """<date>-<name>.json, <date>-<name>.md and, if matplotlib is there,
+    <date>-<name>-memory.png."""
     directory.mkdir(parents=True, exist_ok=True)
-    stem = directory / f"{datetime.now(UTC):%Y-%m-%d}-chaos"
+    stem = directory / f"{datetime.now(UTC):%Y-%m-%d}-{name}"
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(report, indent=2, default=str) + "\n")
     paths[1].write_text(markdown(report))

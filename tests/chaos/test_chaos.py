@@ -38,6 +38,8 @@ RATE = float(os.environ.get("CHAOS_RATE", "10"))
 # Idempotency-Key, so submissions take the group commit and the batched publish.
 SLEEP_MS = tuple(int(part) for part in os.environ.get("CHAOS_SLEEP_MS", "50-300").split("-"))
 KEYS = os.environ.get("CHAOS_KEYS", "1") != "0"
+# The reports' name: <date>-<NAME>.md and .json beside the benchmarks' results.
+NAME = os.environ.get("CHAOS_NAME", "chaos")
 FAULT_INTERVAL = float(os.environ.get("CHAOS_FAULT_INTERVAL", "12"))
 # Three leases: the stopped worker's runs are surely handed to another worker meanwhile.
 STOP_SECONDS = float(os.environ.get("CHAOS_STOP_SECONDS", "10"))
@@ -106,7 +108,7 @@ def test_nothing_accepted_is_lost_under_chaos(
         soak = run_soak(system, dsn)
         report = build_report(soak, system, dsn, stack)
     report["duration_s"] = round(time.time() - soak.started, 1)
-    for path in write_reports(report, RESULTS_DIR, soak.sampler.samples):
+    for path in write_reports(report, RESULTS_DIR, soak.sampler.samples, name=NAME):
         print(f"chaos report: {path}")
 
     result = report["check"]
