@@ -158,9 +158,9 @@ class Batches(Generic[T, R]):
     """Calls that arrive while a flush is in flight go together in the next one.
 
     `flush(items)` gives one outcome per item, in order (an exception is raised to that item's
-    caller alone), or raises for all of them. With
-    nothing in flight a call is flushed at once, alone: no timer, no latency added at low
-    load; under load a batch is whatever came during the previous round trip.
+    caller alone), or raises for all of them. With nothing in flight a call is flushed at once,
+    alone: no timer, no latency added at low load; under load a batch is whatever came during
+    the previous round trip.
     """
 
     def __init__(
@@ -234,6 +234,10 @@ class Publisher:
         return await self._batches.submit(bell)
 
     async def _send(self, bells: list[Doorbell]) -> list[bool]:
+        if self.quiet:
+            # The batch before this one found the broker away: its requests waited for that
+            # batch, and none waits for a second timeout.
+            return [False] * len(bells)
         future = asyncio.wrap_future(self._executor.submit(send_batch, self.app, bells))
         try:
             sent, error = await asyncio.wait_for(future, timeout=self.timeout)
