@@ -159,6 +159,12 @@ class RateLimiter:
         amount, window.pending = window.pending + extra, 0
         try:
             count = await self.storage.incr(key, item.get_expiry(), amount=amount)
+            # Concurrent INCRs may answer out of order: the shared count only grows.
+            window.seen = max(window.seen, count)
+            window.told_at = time.monotonic()
+            # This hit's place: its own INCR's answer, plus hits granted here and not yet told
+            # (taken now: others may change the window while the expiry is read below).
+            place = count + window.pending
             if not window.end_known or count == amount:
                 # A fixed window's end never moves once its first hit set the key's expiry.
                 window.end, window.end_known = await self.storage.get_expiry(key), True
@@ -172,9 +178,7 @@ class RateLimiter:
                 extra={"reason": str(exc)},
             )
             return window.estimate
-        window.seen = count
-        window.told_at = time.monotonic()
-        return window.estimate
+        return place
 
     def _tell_soon(self, key: str, item: RateLimitItem, window: _Window) -> None:
         if window.telling or self.quiet:
