@@ -133,11 +133,11 @@ class Database:
         return self._sessions, self._autocommit
 
     async def _fast(self) -> Statements:
-        """The hot statements' psycopg pool (app.core.db.Statements), one per event loop."""
-        self._async_sessions()  # on a new event loop, drops the old loop's pools
+        """The hot statements' runner (app.core.db.Statements), on this loop's engine."""
+        _, autocommit = self._async_sessions()  # on a new event loop, a new engine
         if self._statements is None:
-            self._statements = Statements(self.settings)
-            await self._statements.open()
+            engine = autocommit.kw["bind"]
+            self._statements = Statements(engine)
         return self._statements
 
     def _drop_engine(self) -> None:
@@ -145,14 +145,11 @@ class Database:
             # Its connections belong to another loop: forget them without touching them.
             self._engine.sync_engine.dispose(close=False)
         self._engine = self._loop = self._sessions = self._autocommit = None
-        # A pool of another loop's connections: left to the garbage collector.
         self._statements = None
 
     async def close(self) -> None:
         if self._engine is not None and self._loop is asyncio.get_running_loop():
             await self._engine.dispose()
-            if self._statements is not None:
-                await self._statements.close()
         self._drop_engine()
 
 

@@ -7,12 +7,12 @@ import json
 import os
 import threading
 import time
-import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, MultipleResultsFound
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -113,92 +113,82 @@ def build_async_engine(settings: Settings, *, role: str) -> AsyncEngine:
 
 
 class Statements:
-    """The API's hottest statements on a psycopg pool of their own: no SQLAlchemy on the way.
+    """The API's hottest statements, sent by psycopg itself: no SQLAlchemy execution on the way.
 
-    A poll's SELECT, a group commit's INSERT, the quota's count and an API key's lookup are
-    written with SQLAlchemy Core and compiled once here to SQL; each run takes a pooled
-    psycopg connection (psycopg_pool), sends the prepared statement and reads dict rows. Per
-    statement that costs about a third of SQLAlchemy's asyncio engine (0.18 against 0.5-0.7 ms
-    of CPU on this machine kind, measured 2026-12-02), whose connection checkout and result
-    machinery were most of a poll. Everything else keeps the engine and its sessions.
+    A poll's SELECT, a group commit's INSERT and the quota's count are written with SQLAlchemy
+    Core and compiled once here to SQL. Each run checks a connection out of the asyncio
+    engine's pool (its pings after idle, its reconnection at once after a database restart, its
+    pool metrics) and sends the prepared statement on the psycopg connection underneath,
+    reading dict rows. Per statement that cost 0.3-0.4 ms of CPU on this machine kind against
+    0.5-0.7 ms through the engine's execution and result machinery (measured 2026-12-02).
+    psycopg_pool's own pool measured 0.18 ms, but it backs off from a database that was away
+    and answered 503 for seconds after it came back.
 
-    Connections run in autocommit with the API's timeouts and UTC as their time zone; rows come
-    back with aware UTC datetimes and decoded JSON, as the ORM gives them.
+    Rows come back with aware UTC datetimes and decoded JSON, as the ORM gives them.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        from psycopg.rows import dict_row
-        from psycopg_pool import AsyncConnectionPool
+    def __init__(self, engine: AsyncEngine) -> None:
         from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 
         from app.core import metrics
 
-        args = dict(_postgres_options(settings, role="api")["connect_args"])
-        args["options"] = f"{args.get('options', '')} -c timezone=UTC".strip()
-        conninfo = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
+        self.engine = engine
         self.dialect = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
-        self._sql: dict[tuple[int, tuple[str, ...]], tuple[Any, str, frozenset[str]]] = {}
-        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self.pool = AsyncConnectionPool(
-            conninfo.render_as_string(hide_password=False),
-            kwargs={**args, "autocommit": True, "row_factory": dict_row},
-            min_size=1,
-            max_size=settings.database_pool_size,
-            # A request waits at most this long for a connection, then answers 503. psycopg_pool
-            # waits the whole time when the database refuses connections, where the engine
-            # fails at once: shorter than the engine's 2 s keeps a dead database a fast 503.
-            timeout=1.0,
-            check=self._check,
-            reset=self._returned,
-            open=False,
-            name="taskdock-api",
-        )
+        self._sql: dict[
+            tuple[int, tuple[str, ...]], tuple[Any, str, dict[str, Any], frozenset[str]]
+        ] = {}
         self._metrics = metrics
-        metrics.DB_POOL_SIZE.inc(settings.database_pool_size)
 
-    async def open(self) -> None:
-        await self.pool.open(wait=False)
-
-    async def _returned(self, connection: Any) -> None:
-        self._idle_since[connection] = time.monotonic()
-
-    async def _check(self, connection: Any) -> None:
-        """Ping a connection idle for a while before use, as the engine does (`_ping_after_idle`):
-        after a database restart each stale connection is replaced, not failed on a request."""
-        idle_since = self._idle_since.get(connection)
-        if idle_since is not None and time.monotonic() - idle_since >= PING_AFTER_IDLE_SECONDS:
-            await connection.execute("SELECT 1")
-
-    def sql(self, statement: Any, keys: tuple[str, ...] = ()) -> tuple[str, frozenset[str]]:
+    def sql(
+        self, statement: Any, keys: tuple[str, ...] = ()
+    ) -> tuple[str, dict[str, Any], frozenset[str]]:
         """The statement as psycopg's SQL (for an INSERT, of the columns `keys`), compiled the
-        first time it is seen, and the parameters that go to JSON columns."""
+        first time it is seen; the values it carries itself (its literals); and the parameters
+        that go to JSON columns."""
         cache_key = (id(statement), keys)
         cached = self._sql.get(cache_key)
         if cached is None or cached[0] is not statement:
             compiled = statement.compile(dialect=self.dialect, column_keys=list(keys) or None)
+            if "POSTCOMPILE" in str(compiled):
+                # An IN list is expanded per execution by SQLAlchemy; write it as equalities.
+                raise ValueError(f"Statements cannot run an IN list: {compiled}")
             table = getattr(statement, "table", None)
             json_keys = frozenset(
                 key
                 for key in keys
                 if table is not None and isinstance(table.c[key].type, sqltypes.JSON)
             )
-            cached = self._sql[cache_key] = (statement, str(compiled), json_keys)
-        return cached[1], cached[2]
+            own = {
+                name: bind.value
+                for name, bind in compiled.binds.items()
+                if not bind.required and name not in keys
+            }
+            cached = self._sql[cache_key] = (statement, str(compiled), own, json_keys)
+        return cached[1], cached[2], cached[3]
 
     async def fetch_one(self, statement: Any, parameters: dict[str, Any]) -> dict[str, Any] | None:
-        sql, _ = self.sql(statement)
-        async with self._connection() as connection:
+        from psycopg.rows import dict_row
+
+        sql, own, _ = self.sql(statement)
+        async with self._driver() as driver:
             started = time.perf_counter()
-            cursor = await connection.execute(sql, parameters, prepare=True)
-            row: dict[str, Any] | None = await cursor.fetchone()
+            async with driver.cursor(row_factory=dict_row) as cursor:
+                await cursor.execute(sql, {**own, **parameters}, prepare=True)
+                row: dict[str, Any] | None = await cursor.fetchone()
             self._observe("select", started)
-            return row
+        if row is not None:
+            for key, value in row.items():
+                if isinstance(value, datetime) and value.tzinfo is not None:
+                    row[key] = value.astimezone(UTC)
+        return row
 
     async def execute_many(self, statement: Any, rows: list[dict[str, Any]]) -> None:
         """Many parameter sets in one transaction: pipelined, one commit (one WAL flush)."""
         from psycopg.types.json import Json
 
-        sql, json_keys = self.sql(statement, tuple(rows[0]))
+        sql, own, json_keys = self.sql(statement, tuple(rows[0]))
+        if own:
+            rows = [{**own, **row} for row in rows]
         if json_keys:
             rows = [
                 {
@@ -209,38 +199,28 @@ class Statements:
                 }
                 for row in rows
             ]
-        async with self._connection() as connection:
+        async with self._driver() as driver:
             started = time.perf_counter()
-            async with connection.transaction(), connection.cursor() as cursor:
+            async with driver.transaction(), driver.cursor() as cursor:
                 await cursor.executemany(sql, rows)
             self._observe("insert", started)
 
-    def _connection(self) -> Any:
-        return _Counted(self.pool.connection(), self._metrics.DB_POOL_IN_USE)
+    @contextlib.asynccontextmanager
+    async def _driver(self) -> AsyncIterator[Any]:
+        """The psycopg connection under a pooled engine connection (autocommit); discarded
+        from the pool if it broke, as the engine does with its own errors."""
+        import psycopg
+
+        async with self.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            try:
+                yield raw.driver_connection
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                await connection.invalidate()
+                raise
 
     def _observe(self, kind: str, started: float) -> None:
         self._metrics.DB_QUERY_SECONDS.labels(kind).observe(time.perf_counter() - started)
-
-    async def close(self) -> None:
-        await self.pool.close()
-        self._metrics.DB_POOL_SIZE.dec(self.pool.max_size)
-
-
-class _Counted:
-    """A pool checkout, counted in the pool's in-use gauge like the engine's."""
-
-    def __init__(self, checkout: Any, gauge: Any) -> None:
-        self.checkout = checkout
-        self.gauge = gauge
-
-    async def __aenter__(self) -> Any:
-        connection = await self.checkout.__aenter__()
-        self.gauge.inc()
-        return connection
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.gauge.dec()
-        await self.checkout.__aexit__(*exc)
 
 
 def _postgres_options(settings: Settings, *, role: str) -> dict[str, Any]:

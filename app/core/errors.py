@@ -10,7 +10,6 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from psycopg_pool import PoolTimeout as PsycopgPoolTimeout
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -206,7 +205,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PoolTimeout)
     @app.exception_handler(psycopg.OperationalError)
     @app.exception_handler(psycopg.InterfaceError)
-    @app.exception_handler(PsycopgPoolTimeout)
     async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         logger.warning("database unavailable", extra={"reason": str(exc).splitlines()[0]})
         return JSONResponse(

@@ -13,6 +13,7 @@ from app.core.celery import get_celery_app
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.tasks import service
+from app.tasks.exceptions import QuotaExceeded
 from app.tasks.models import Task
 from app.tasks.publication import Batches, Publisher, Submitter
 from app.tasks.schemas import TaskCreate
@@ -141,3 +142,29 @@ def test_a_batch_the_broker_did_not_take_is_left_to_the_dispatcher(
         None
     ] * 5
     assert set(rows.values()) == {(None, None)}
+
+
+def test_the_quota_counts_a_keys_unfinished_tasks(backend: dict[str, str]) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        for _ in range(3):
+            service.submit(session=session, data=PROCESS, owner="alice", idempotency_key=None)
+
+    async def main() -> list[str]:
+        database = Database(settings=settings)
+        publisher = Publisher(get_celery_app(), timeout=1.0)
+        submitter = Submitter(settings=settings, database=database, publisher=publisher)
+        answers = []
+        try:
+            for owner, limit in [("alice", 4), ("alice", 3), ("bob", 1)]:
+                try:
+                    await submitter.quota.check(owner=owner, limit=limit)
+                    answers.append("ok")
+                except QuotaExceeded as exc:
+                    answers.append(exc.code)
+        finally:
+            publisher.close()
+            await database.close()
+        return answers
+
+    assert asyncio.run(main()) == ["ok", "quota_exceeded", "ok"]
