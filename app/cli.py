@@ -31,14 +31,14 @@ ExtraArgs = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 def _setup(role: str) -> None:
     from app.core.config import warn_unknown_variables
-    from app.core.db import set_process_role
+    from app.core.db import configure
     from app.core.logging import configure_logging
     from app.tasks.registry import load_task_modules
 
     settings = get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     warn_unknown_variables()
-    set_process_role(role)
+    configure(settings, role=role)
     load_task_modules(settings.task_modules)
     if role == "cli":
         _require_migrated()
@@ -118,7 +118,9 @@ def worker(
     ]
     # `celery -A app.worker worker ...`, keeping its exit code: worker_main() drops it, and a
     # worker dead of an unrecoverable error would exit 0, which Restart=on-failure ignores.
-    code = celery_command.main(args=["-A", "app.worker:celery_app", *argv], standalone_mode=False)
+    code = celery_command.main(
+        args=["-A", "app.worker.celery:celery_app", *argv], standalone_mode=False
+    )
     if code:
         raise typer.Exit(int(code))
 
@@ -126,12 +128,12 @@ def worker(
 @cli.command()
 def dispatcher() -> None:
     """Publish the outbox, reap expired leases, and schedule delayed tasks."""
-    from app.core.celery import get_celery_app
+    from app.core.celery import create_celery_app
     from app.tasks.dispatcher import Dispatcher
 
     _setup("dispatcher")
     settings = get_settings()
-    loop = Dispatcher(settings=settings, celery_app=get_celery_app())
+    loop = Dispatcher(settings=settings, celery_app=create_celery_app(settings))
 
     def _stop(signum: int, _frame: object) -> None:
         logger.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -175,11 +177,12 @@ def wait(
 ) -> None:
     """Wait until the database and the broker answer (for container entrypoints)."""
     from app.api.health import broker_check
-    from app.core.celery import get_celery_app
+    from app.core.celery import create_celery_app
     from app.core.db import get_engine, ping
 
     _setup("wait")
     settings = get_settings()
+    celery_app = create_celery_app(settings)
     deadline = time.monotonic() + timeout
     pending = {"database": False, settings.broker_name: False}
     reasons: dict[str, str] = {}
@@ -192,7 +195,7 @@ def wait(
                 reasons["database"] = str(exc).splitlines()[0] if str(exc) else repr(exc)
         if not pending[settings.broker_name]:
             try:
-                broker_check(get_celery_app(), 2)()
+                broker_check(celery_app, 2)()
                 pending[settings.broker_name] = True
             except Exception as exc:
                 reasons[settings.broker_name] = str(exc) or repr(exc)
@@ -245,13 +248,13 @@ def status(
     from app.db.base import utcnow
     from app.tasks.models import Task
     from app.tasks.registry import known_queues
-    from app.tasks.states import WAITING
+    from app.tasks.states import WAITING, TaskStatus
     from app.workers import service as workers_service
 
     _setup("cli")
     settings = get_settings()
     now = utcnow()
-    waiting = [state.value for state in WAITING]
+    waiting = sorted(WAITING)
     max_age = settings.worker_heartbeat_max_age
     with session_scope() as session:
         counts = dict(
@@ -266,7 +269,9 @@ def status(
             select(func.count()).where(Task.status.in_(waiting), Task.run_after > now)
         )
         expired = session.scalar(
-            select(func.count()).where(Task.status == "RUNNING", Task.lease_expires_at < now)
+            select(func.count()).where(
+                Task.status == TaskStatus.RUNNING, Task.lease_expires_at < now
+            )
         )
         oldest = session.scalar(select(func.min(Task.created_at)).where(Task.status.in_(waiting)))
         queues = workers_service.queue_report(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -13,17 +14,16 @@ from prometheus_client import CollectorRegistry
 
 from app.api.deps import Database
 from app.api.health import router as health_router
-from app.api.limits import BodySizeLimit
-from app.api.metrics import HttpMetrics, StateCollector
+from app.api.metrics import StateCollector
 from app.api.metrics import router as metrics_router
+from app.api.middleware import Guard, RequestMiddleware
 from app.api.ratelimit import RateLimiter
-from app.api.request_id import RequestIdMiddleware
 from app.api.router import api_router
 from app.auth.service import KeyCache
 from app.core import metrics
-from app.core.celery import get_celery_app
+from app.core.celery import create_celery_app
 from app.core.config import Settings, get_settings, warn_unknown_variables
-from app.core.db import set_process_role
+from app.core.db import configure
 from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
 from app.tasks.publication import Publisher, Submitter
@@ -36,9 +36,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     warn_unknown_variables()
-    set_process_role("api")
+    configure(settings, role="api")
     load_task_modules(settings.task_modules)
-    celery_app = get_celery_app()
+    celery_app = create_celery_app(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,23 +72,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = RateLimiter(settings)
     app.state.key_cache = KeyCache(seconds=settings.api_key_cache_seconds)
     app.state.state_registry = CollectorRegistry(auto_describe=False)
-    app.state.state_registry.register(StateCollector(celery_app))
+    app.state.state_registry.register(StateCollector(celery_app, settings=settings))
     metrics.PROCESSES.labels("api").set(1)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
-            expose_headers=["Location", "X-Request-ID", "Retry-After", "RateLimit-Remaining"],
-        )
+    # Outermost first. They run inside the request middleware (metrics, request id) and
+    # outside its body limit, so even a 413 carries the request id and the CORS headers.
+    guards: list[Guard] = []
     if settings.allowed_hosts != ["*"]:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
-    # Around everything but the metrics, so even a 413 carries the request id.
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(HttpMetrics)
+        guards.append(partial(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts))
+    if settings.cors_origins:
+        guards.append(
+            partial(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+                expose_headers=["Location", "X-Request-ID", "Retry-After", "RateLimit-Remaining"],
+            )
+        )
+    app.add_middleware(RequestMiddleware, max_bytes=settings.max_body_bytes, guards=guards)
     # Routes are matched in order: the API's first, since its polls and submits are most of
     # the traffic (probes and scrapes come every few seconds).
     app.include_router(api_router)

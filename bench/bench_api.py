@@ -130,6 +130,28 @@ def hello_server(bench: Bench, env: dict[str, str], name: str = "hello") -> tupl
     return proc, base
 
 
+def floor_server(bench: Bench, env: dict[str, str]) -> str:
+    """bench/poll_floor_app.py: poll's minimal prototype, served like the hello-world app."""
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.poll_floor_app:app",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    bench.spawn("poll-floor", args, env)
+    return f"http://127.0.0.1:{port}"
+
+
 def run(options: Options) -> dict[str, Any]:
     with bench_world("api") as bench:
         env = bench.env()
@@ -138,6 +160,9 @@ def run(options: Options) -> dict[str, Any]:
         _, hello = hello_server(bench, env)
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
         task = httpx.post(f"{api}/api/v1/tasks", json=SUBMIT_BODY, headers=AUTH).json()
+        floor = floor_server(bench, env)
+        floor_url = f"{floor}/tasks/{task['id']}"
+        wait_for(lambda: http_status(floor_url) == 200, timeout=30, what="poll floor app")
 
         ui.log("[bold]metric 1: submit efficiency[/bold]")
         submit = rounds(
@@ -163,6 +188,7 @@ def run(options: Options) -> dict[str, Any]:
             lambda: _wrk_sample(f"{api}/api/v1/tasks/{task['id']}", options),
             lambda: _wrk_sample(f"{hello}/hello", options),
             options.rounds,
+            peers={"fastapi_psycopg_floor": lambda: _wrk_sample(floor_url, options)},
         )
         ui.log("[bold]throughput versus concurrency[/bold]")
         concurrency = sweep(bench, api, hello, task["id"], options)

@@ -60,6 +60,7 @@ DRAIN_TIMEOUT = 900.0
 PEERS = {
     "celery_redis_backend": "Celery + Redis result backend",
     "celery_sql_backend": "Celery + SQL result backend",
+    "celery_two_writes": "the minimal prototype: Celery + a claim and a durable outcome per task",
 }
 RESULTS_DB = 2  # the Redis result backend's database on the benchmark's redis-server
 
@@ -125,11 +126,13 @@ class Drain:
 
 @dataclass(frozen=True)
 class PeerBackend:
-    """Where a peer records its results; `database` is a scratch database whose PostgreSQL
-    backends count toward its CPU."""
+    """Where a peer records its results: Celery's result backend `url`, or with `record` the
+    two writes of issue 13's minimal prototype (bench.raw_celery); `database` is a scratch
+    database whose PostgreSQL backends count toward its CPU."""
 
-    url: str
+    url: str | None
     database: str | None = None
+    record: bool = False
 
 
 @dataclass
@@ -157,7 +160,10 @@ def start_drain(
     local_broker: bool,
 ) -> Drain:
     """A raw worker, paused; with `backend`, a peer recording its results there."""
-    extra = {"BENCH_RESULT_BACKEND": backend.url} if backend is not None else {}
+    extra: dict[str, str] = {}
+    if backend is not None and backend.url is not None:
+        key = "BENCH_RECORD_URL" if backend.record else "BENCH_RESULT_BACKEND"
+        extra[key] = backend.url
     worker = bench.raw_worker(broker, options.concurrency, name, **extra)
     consumer = RawConsumer(broker, name)
     consumer.pause()
@@ -172,7 +178,7 @@ def start_drain(
         consumer,
         groups,
         bench.env(BENCH_BROKER_URL=broker, BENCH_RAW_NAME=name, **extra),
-        raw_celery.result_settings(backend.url if backend else None),
+        raw_celery.result_settings(backend.url if backend and not backend.record else None),
     )
 
 
@@ -471,10 +477,15 @@ def broker_suite(
 def run(options: Options) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # The SQL peer's results go to a scratch database of its own on the same PostgreSQL.
-    with bench_world("e2e") as bench, scratch_database() as (results_url, results_name):
+    with (
+        bench_world("e2e") as bench,
+        scratch_database() as (results_url, results_name),
+        scratch_database() as (record_url, record_name),
+    ):
         peers = {
             "celery_redis_backend": PeerBackend(f"{bench.redis_url}/{RESULTS_DB}"),
             "celery_sql_backend": PeerBackend(f"db+{results_url}", results_name),
+            "celery_two_writes": PeerBackend(record_url, record_name, record=True),
         }
         out["redis"] = broker_suite(
             bench, f"{bench.redis_url}/0", options, name="redis", local=True, peers=peers
@@ -497,8 +508,15 @@ def run(options: Options) -> dict[str, Any]:
         out["rabbitmq"] = {"skipped": "no RabbitMQ on 127.0.0.1:5672 (or no rabbitmqctl)"}
         ui.log("  RabbitMQ not available: skipped")
     else:
-        with bench_world("e2e-rabbitmq") as bench, rabbit_vhost() as broker:
-            out["rabbitmq"] = broker_suite(bench, broker, options, name="rabbitmq", local=False)
+        with (
+            bench_world("e2e-rabbitmq") as bench,
+            rabbit_vhost() as broker,
+            scratch_database() as (record_url, record_name),
+        ):
+            peers = {"celery_two_writes": PeerBackend(record_url, record_name, record=True)}
+            out["rabbitmq"] = broker_suite(
+                bench, broker, options, name="rabbitmq", local=False, peers=peers
+            )
     return out
 
 

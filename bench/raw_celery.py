@@ -11,6 +11,12 @@ BENCH_RESULT_BACKEND (a result backend URL) switches results on (result_settings
 BENCH_RAW_NAME gives the worker's queue and hostname, so raw Celery and its peers can wait
 side by side on one broker, each for its own turn.
 
+BENCH_RECORD_URL (a PostgreSQL URL) makes the peer that is issue 13's minimal prototype of a
+recorded run: each task makes the two writes a taskdock run makes, a claim (committed without
+waiting for the WAL flush, as taskdock's worker does) and a durable outcome, on a psycopg
+connection of the worker process, and nothing else taskdock does. Its rate is the floor that
+two round trips per task allow.
+
     python -m bench.raw_celery produce N         enqueue N no-ops with .delay()
     python -m bench.raw_celery pace RATE SECONDS MAX_LAG   .delay() stamp tasks at a steady rate
 """
@@ -101,9 +107,44 @@ def counters() -> Any:
     return redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
 
 
+RECORD_URL = os.environ.get("BENCH_RECORD_URL")
+RECORD_TABLE = """CREATE TABLE IF NOT EXISTS bench_record (
+    id integer PRIMARY KEY, status text NOT NULL, deliveries integer NOT NULL DEFAULT 0,
+    worker text, started_at timestamptz, finished_at timestamptz, result json)"""
+CLAIM = (
+    "UPDATE bench_record SET status = 'RUNNING', deliveries = deliveries + 1, worker = %s,"
+    " started_at = now() WHERE id = %s AND status = 'QUEUED'"
+)
+# As taskdock's outcome: durable in the same round trip (app.tasks.lifecycle's _DURABLE).
+FINISH = (
+    "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true))"
+    " UPDATE bench_record SET status = 'SUCCEEDED', finished_at = now(), result = 'null'"
+    " FROM durable WHERE id = %s AND status = 'RUNNING'"
+)
+_record: dict[int, Any] = {}
+
+
+def record_connection() -> Any:
+    """This process's own connection (each prefork child opens its own)."""
+    import psycopg
+
+    found = _record.get(os.getpid())
+    if found is None:
+        dsn = str(RECORD_URL).replace("postgresql+psycopg://", "postgresql://", 1)
+        found = _record[os.getpid()] = psycopg.connect(
+            dsn, autocommit=True, options="-c synchronous_commit=off"
+        )
+    return found
+
+
 @app.task(name="raw.noop")
-def noop(target: int) -> None:
-    """Counts itself, so the benchmark sees the queue drained: one INCR per task."""
+def noop(target: int, number: int = -1) -> None:
+    """Counts itself, so the benchmark sees the queue drained: one INCR per task. The
+    recorded peer first claims and finishes its row."""
+    if RECORD_URL and number >= 0:
+        connection = record_connection()
+        connection.execute(CLAIM, ("bench", number), prepare=True)
+        connection.execute(FINISH, (number,), prepare=True)
     done = counters().incr(COUNT_KEY)
     if done == 1:
         counters().set(FIRST_KEY, time.time())
@@ -124,9 +165,20 @@ def _ready(**_: Any) -> None:
 
 
 def produce(count: int) -> dict[str, float]:
+    if RECORD_URL:
+        # The rows the recorded peer's tasks claim, written before the clock starts (taskdock's
+        # are written by its submissions, outside the drain it is compared with).
+        connection = record_connection()
+        connection.execute(RECORD_TABLE)
+        connection.execute("TRUNCATE bench_record")
+        connection.execute(
+            "INSERT INTO bench_record (id, status)"
+            " SELECT n, 'QUEUED' FROM generate_series(0, %s) AS n",
+            (count - 1,),
+        )
     started = time.perf_counter()
-    for _ in range(count):
-        noop.delay(count)
+    for number in range(count):
+        noop.delay(count, number)
     elapsed = time.perf_counter() - started
     times = os.times()
     return {"seconds": elapsed, "cpu": times.user + times.system}

@@ -184,12 +184,19 @@ def _api_rows(api: dict[str, Any]) -> list[str]:
                 "/s",
             )
         )
-    return [
-        *rows,
-        _ratio_row(
-            "4. poll efficiency (vs hello-world GET)", api["poll_efficiency"], ">= 0.45", "/s"
-        ),
-    ]
+    poll = api["poll_efficiency"]
+    rows.append(_ratio_row("4. poll efficiency (vs hello-world GET)", poll, ">= 0.45", "/s"))
+    floor = poll.get("peers", {}).get("fastapi_psycopg_floor")
+    if floor:
+        # The minimal prototype: what FastAPI + psycopg allow, and what taskdock adds to it.
+        hello = poll["baseline_median"]
+        rows += [
+            f"| 4b. poll's floor: a bare FastAPI + psycopg GET by id (vs hello-world GET) | "
+            f"{fmt(floor['median'])} /s | {fmt(hello)} /s | {fmt(floor['median'] / hello)} | |",
+            f"| 4c. poll (vs that floor) | {fmt(poll['taskdock_median'])} /s | "
+            f"{fmt(floor['median'])} /s | {fmt(floor['ratio'])} | |",
+        ]
+    return rows
 
 
 # The suites of metric 2, with how each is named in the summary.
@@ -223,6 +230,14 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
                 "median",
                 "/s",
             )
+            floor = suite["throughput"].get("peers", {}).get("celery_two_writes")
+            if floor:
+                # The prototype's own ratio: what two round trips per task leave of the drain.
+                raw = suite["throughput"]["baseline_median"]
+                rows.append(
+                    f"| 2b. the minimal prototype itself, {label} (vs raw drain) | "
+                    f"{fmt(floor['median'])} /s | {fmt(raw)} /s | {fmt(floor['median'] / raw)} | |"
+                )
     for suite_name in ("redis", "redis_outbox"):
         for field, target in (("latency", "<= 2 (p50), <= 4 (p99)"), ("latency_unloaded", "")):
             latency = e2e.get(suite_name, {}).get(field)

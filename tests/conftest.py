@@ -16,12 +16,10 @@ BACKENDS = ["embedded", "postgres-redis", "postgres-rabbitmq"]
 
 
 def reset_caches() -> None:
-    from app.core.celery import get_celery_app
     from app.core.config import get_settings
     from app.core.db import reset_engine
 
     get_settings.cache_clear()
-    get_celery_app.cache_clear()
     reset_engine()
 
 
@@ -38,9 +36,13 @@ def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
                 monkeypatch.setenv(key, value)
         reset_caches()
         from app.core.config import get_settings
+        from app.core.db import configure
         from app.tasks.registry import load_task_modules
 
-        load_task_modules(get_settings().task_modules)
+        # What a process's start does (app.main, app.worker.celery, app.cli).
+        settings = get_settings()
+        configure(settings, role="api")
+        load_task_modules(settings.task_modules)
 
     yield apply
     reset_caches()

@@ -1,9 +1,8 @@
-"""GET /metrics, the HTTP instrumentation, and gauges read from the record and the broker."""
+"""GET /metrics and the gauges read from the record and the broker (HTTP: app.api.middleware)."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,10 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core import metrics
-from app.core.config import get_settings
+from app.core.config import Settings
 from app.core.db import session_scope
 from app.db.base import utcnow
 from app.tasks.models import Task
@@ -34,36 +32,6 @@ _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="metrics")
 STATE_TIMEOUT = 2.0
 
 
-class HttpMetrics:
-    """Counts and times every request by its route template, never the raw path."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        method = scope["method"]
-        status = 500
-        started = time.perf_counter()
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        metrics.HTTP_IN_PROGRESS.labels(method).inc()
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            metrics.HTTP_IN_PROGRESS.labels(method).dec()
-            route = getattr(scope.get("route"), "path", None) or "<unmatched>"
-            metrics.HTTP_REQUESTS.labels(method, route, str(status)).inc()
-            metrics.HTTP_LATENCY.labels(method, route).observe(time.perf_counter() - started)
-
-
 class StateCollector(Collector):
     """Backlog gauges read at scrape time: the outbox, tasks by status, broker queue depths.
 
@@ -71,8 +39,9 @@ class StateCollector(Collector):
     broker never hides the database's gauges (which an alert reads as "database down").
     """
 
-    def __init__(self, celery_app: Celery) -> None:
+    def __init__(self, celery_app: Celery, *, settings: Settings) -> None:
         self.celery_app = celery_app
+        self.settings = settings
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from_db = _executor.submit(self._read_database)
@@ -110,9 +79,8 @@ class StateCollector(Collector):
             yield queues
 
     def _read_database(self) -> tuple[int, dict[str, int], list[QueueReport]]:
-        waiting = [state.value for state in WAITING]
+        waiting = sorted(WAITING)
         now = utcnow()
-        settings = get_settings()
         with session_scope() as session:
             outbox = session.scalar(
                 select(func.count()).where(
@@ -122,13 +90,13 @@ class StateCollector(Collector):
             rows = session.execute(select(Task.status, func.count()).group_by(Task.status)).all()
             queue_reports = workers_service.queue_report(
                 session=session,
-                known=known_queues(settings.extra_queues),
-                max_age=settings.worker_heartbeat_max_age,
+                known=known_queues(self.settings.extra_queues),
+                max_age=self.settings.worker_heartbeat_max_age,
             )
         return int(outbox or 0), {str(s): int(c) for s, c in rows}, queue_reports
 
     def _read_broker(self) -> dict[str, int]:
-        return queue_depths(self.celery_app, sorted(known_queues(get_settings().extra_queues)))
+        return queue_depths(self.celery_app, sorted(known_queues(self.settings.extra_queues)))
 
 
 def _queue_gauges(reports: list[QueueReport]) -> Iterator[GaugeMetricFamily]:

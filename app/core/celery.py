@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from celery import Celery
 from celery.app.amqp import AMQP
 from kombu import Exchange, Queue
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 
 JOB_NAME = "taskdock.execute"
 FILESYSTEM_TRANSPORT = "app.core.fsbroker:Transport"
@@ -97,7 +97,7 @@ def create_celery_app(settings: Settings) -> Celery:
     app = Celery(
         "taskdock",
         broker=settings.celery_broker_url,
-        include=["app.tasks.jobs"],
+        include=["app.worker.jobs"],
         amqp=DoorbellAMQP,
     )
     app.conf.update(
@@ -130,9 +130,16 @@ def create_celery_app(settings: Settings) -> Celery:
         timezone="UTC",
         enable_utc=True,
     )
+    # For its jobs (`app_settings`): Celery makes a job's instance itself, and the app it runs
+    # in is the one thing it hands every job. Kept beside the app, not in its conf, which
+    # `celery inspect conf` and `celery report` show to anyone on the broker.
+    _SETTINGS[app] = settings
     return app
 
 
-@lru_cache
-def get_celery_app() -> Celery:
-    return create_celery_app(get_settings())
+_SETTINGS: WeakKeyDictionary[Celery, Settings] = WeakKeyDictionary()
+
+
+def app_settings(app: Celery) -> Settings:
+    """The Settings `app` was built from: what its jobs (app.worker.jobs) run with."""
+    return _SETTINGS[app]

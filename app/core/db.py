@@ -7,24 +7,31 @@ import json
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+import psycopg
+from psycopg.rows import dict_row, namedtuple_row
+from sqlalchemy import Connection, Dialect, Engine, create_engine, event, text
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, MultipleResultsFound
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import sqltypes
 
-from app.core.config import Settings, get_settings
+from app.core import metrics
+from app.core.config import Settings
 from app.core.errors import ServiceUnavailable
 
 _lock = threading.Lock()
 _engine: Engine | None = None
 _engine_pid: int | None = None
 _sessions: sessionmaker[Session] | None = None
+# What `configure` was given at this process's start: the engine is built from it.
+_settings: Settings | None = None
 _role = "api"
 READ_ONLY = "taskdock_read_only"
 # A request must not wait long behind a lock (a migration, a stuck transaction): it answers 503.
@@ -56,10 +63,25 @@ def json_dumps(value: Any) -> str:
     return json.dumps(value, allow_nan=False)
 
 
-def set_process_role(role: str) -> None:
-    """Name this process (api, worker, dispatcher, cli) in the database's connection list."""
-    global _role
-    _role = role
+def configure(settings: Settings, *, role: str) -> None:
+    """Called once at each process's start (app.main, app.worker.celery, app.cli): the
+    settings this process's engine is built from, and its role (api, worker, dispatcher, cli),
+    which names it in the database's connection list.
+
+    Services never read settings for themselves: the process's entry point reads them once and
+    hands them over, here and to the objects it builds. An engine built from other settings
+    (a test's earlier configuration) is forgotten.
+    """
+    global _settings, _role
+    if settings is not _settings:
+        reset_engine()
+    _settings, _role = settings, role
+
+
+def _configured() -> Settings:
+    if _settings is None:
+        raise RuntimeError("no settings: call app.core.db.configure() at the process's start")
+    return _settings
 
 
 def build_engine(settings: Settings, *, role: str) -> Engine:
@@ -128,52 +150,16 @@ class Statements:
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
-
-        from app.core import metrics
-
         self.engine = engine
-        self.dialect = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
-        self._sql: dict[
-            tuple[int, tuple[str, ...]], tuple[Any, str, dict[str, Any], frozenset[str]]
-        ] = {}
-        self._metrics = metrics
-
-    def sql(
-        self, statement: Any, keys: tuple[str, ...] = ()
-    ) -> tuple[str, dict[str, Any], frozenset[str]]:
-        """The statement as psycopg's SQL (for an INSERT, of the columns `keys`), compiled the
-        first time it is seen; the values it carries itself (its literals); and the parameters
-        that go to JSON columns."""
-        cache_key = (id(statement), keys)
-        cached = self._sql.get(cache_key)
-        if cached is None or cached[0] is not statement:
-            compiled = statement.compile(dialect=self.dialect, column_keys=list(keys) or None)
-            if "POSTCOMPILE" in str(compiled):
-                # An IN list is expanded per execution by SQLAlchemy; write it as equalities.
-                raise ValueError(f"Statements cannot run an IN list: {compiled}")
-            table = getattr(statement, "table", None)
-            json_keys = frozenset(
-                key
-                for key in keys
-                if table is not None and isinstance(table.c[key].type, sqltypes.JSON)
-            )
-            own = {
-                name: bind.value
-                for name, bind in compiled.binds.items()
-                if not bind.required and name not in keys
-            }
-            cached = self._sql[cache_key] = (statement, str(compiled), own, json_keys)
-        return cached[1], cached[2], cached[3]
+        self.compiled = CompiledStatements(psycopg_dialect.dialect())  # type: ignore[no-untyped-call]
 
     async def fetch_one(self, statement: Any, parameters: dict[str, Any]) -> dict[str, Any] | None:
-        from psycopg.rows import dict_row
-
-        sql, own, _ = self.sql(statement)
+        compiled = self.compiled.get(statement)
+        values = compiled.parameters(parameters)
         async with self._driver() as driver:
             started = time.perf_counter()
             async with driver.cursor(row_factory=dict_row) as cursor:
-                await cursor.execute(sql, {**own, **parameters}, prepare=True)
+                await cursor.execute(compiled.sql, values, prepare=True)
                 row: dict[str, Any] | None = await cursor.fetchone()
             self._observe("select", started)
         if row is not None:
@@ -184,33 +170,18 @@ class Statements:
 
     async def execute_many(self, statement: Any, rows: list[dict[str, Any]]) -> None:
         """Many parameter sets in one transaction: pipelined, one commit (one WAL flush)."""
-        from psycopg.types.json import Json
-
-        sql, own, json_keys = self.sql(statement, tuple(rows[0]))
-        if own:
-            rows = [{**own, **row} for row in rows]
-        if json_keys:
-            rows = [
-                {
-                    key: Json(value, dumps=json_dumps)
-                    if key in json_keys and value is not None
-                    else value
-                    for key, value in row.items()
-                }
-                for row in rows
-            ]
+        compiled = self.compiled.get(statement, tuple(rows[0]))
+        values = [compiled.parameters(row) for row in rows]
         async with self._driver() as driver:
             started = time.perf_counter()
             async with driver.transaction(), driver.cursor() as cursor:
-                await cursor.executemany(sql, rows)
+                await cursor.executemany(compiled.sql, values)
             self._observe("insert", started)
 
     @contextlib.asynccontextmanager
     async def _driver(self) -> AsyncIterator[Any]:
         """The psycopg connection under a pooled engine connection (autocommit); discarded
         from the pool if it broke, as the engine does with its own errors."""
-        import psycopg
-
         async with self.engine.connect() as connection:
             raw = await connection.get_raw_connection()
             try:
@@ -220,7 +191,74 @@ class Statements:
                 raise
 
     def _observe(self, kind: str, started: float) -> None:
-        self._metrics.DB_QUERY_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        metrics.DB_QUERY_SECONDS.labels(kind).observe(time.perf_counter() - started)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledStatement:
+    """A Core statement as psycopg's SQL, and what each run sends besides the caller's values.
+
+    The caller's parameters are the statement's required bind parameters (`bindparam("name")`
+    with no value: lifecycle's `b_…`, the quota's `owner`, an INSERT's columns); every other
+    value is the statement's own (its literals), sent with each run.
+    """
+
+    sql: str
+    kind: str  # the label of its duration metric: select, insert, update, with...
+    own: dict[str, Any]
+    json: frozenset[str]  # the caller's parameters that go to JSON columns
+
+    def parameters(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The values to send, JSON ones encoded as the engine encodes JSON columns
+        (`json_dumps`, the engines' json_serializer) and sent to the SQL's ::JSON cast, so a
+        value JSON cannot hold (NaN, bytes) raises ValueError or TypeError here, before any
+        round trip."""
+        values = {**self.own, **given}
+        for name in self.json.intersection(given):
+            if values[name] is not None:
+                values[name] = json_dumps(values[name])
+        return values
+
+
+class CompiledStatements:
+    """Statements built once (module constants), each compiled for `dialect` the first time it
+    is run, then found by id(): compiling costs more than a run. For an INSERT of many rows,
+    `keys` are its columns."""
+
+    LIMIT = 100  # only statements built once belong here
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self._cache: dict[tuple[int, tuple[str, ...]], tuple[Any, CompiledStatement]] = {}
+
+    def get(self, statement: Any, keys: tuple[str, ...] = ()) -> CompiledStatement:
+        cached = self._cache.get((id(statement), keys))
+        if cached is not None and cached[0] is statement:
+            return cached[1]
+        compiled = _compile(statement, self.dialect, keys)
+        if len(self._cache) >= self.LIMIT:
+            self._cache.clear()
+        self._cache[(id(statement), keys)] = (statement, compiled)
+        return compiled
+
+
+def _compile(statement: Any, dialect: Dialect, keys: tuple[str, ...]) -> CompiledStatement:
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys) or None)
+    sql = str(compiled)
+    if "POSTCOMPILE" in sql:
+        # An IN list is expanded per execution by SQLAlchemy; write it as equalities.
+        raise ValueError(f"a statement compiled once cannot run an IN list: {sql}")
+    own: dict[str, Any] = {}
+    json_names: set[str] = set()
+    for bind, name in compiled.bind_names.items():
+        if not bind.required:
+            own[name] = bind.effective_value
+        elif isinstance(bind.type, sqltypes.JSON):
+            json_names.add(name)
+    kind = sql.lstrip().split(None, 1)[0].lower()
+    return CompiledStatement(
+        sql=sql, kind=kind if kind in _KINDS else "other", own=own, json=frozenset(json_names)
+    )
 
 
 def _postgres_options(settings: Settings, *, role: str) -> dict[str, Any]:
@@ -232,17 +270,21 @@ def _postgres_options(settings: Settings, *, role: str) -> dict[str, Any]:
         "pool_pre_ping": False,
         # Waiting long for a pooled connection would break the API's 2-second promise.
         "pool_timeout": 2,
-        "connect_args": {
-            "application_name": f"taskdock-{role}",
-            # A dead database must surface quickly: health and submit promise seconds, not minutes.
-            "connect_timeout": 2,
-            "tcp_user_timeout": 1500,
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 2,
-            "keepalives_count": 2,
-            **_ROLE_OPTIONS.get(role, {}),
-        },
+        "connect_args": _connect_args(role),
+    }
+
+
+def _connect_args(role: str) -> dict[str, Any]:
+    return {
+        "application_name": f"taskdock-{role}",
+        # A dead database must surface quickly: health and submit promise seconds, not minutes.
+        "connect_timeout": 2,
+        "tcp_user_timeout": 1500,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 2,
+        "keepalives_count": 2,
+        **_ROLE_OPTIONS.get(role, {}),
     }
 
 
@@ -274,8 +316,6 @@ def _ping_after_idle(engine: Engine) -> None:
 
 def _instrument(engine: Engine) -> None:
     """Statement durations and pool usage, from SQLAlchemy's events."""
-    from app.core import metrics
-
     size = engine.pool.size() if hasattr(engine.pool, "size") else 0
     metrics.DB_POOL_SIZE.inc(size)
 
@@ -372,19 +412,20 @@ def get_engine() -> Engine:
             if _engine is not None:
                 # Inherited from the parent: drop its sockets without closing them under it.
                 _engine.dispose(close=False)
-            _engine = build_engine(get_settings(), role=_role)
+            _engine = build_engine(_configured(), role=_role)
             _engine_pid = pid
         return _engine
 
 
 def reset_engine() -> None:
-    """Forget the engine (tests and configuration changes)."""
-    global _engine, _engine_pid
+    """Forget the engine and the settings it was built from (tests, `configure`)."""
+    global _engine, _engine_pid, _settings
     with _lock:
         if _engine is not None:
             _engine.dispose()
         _engine = None
         _engine_pid = None
+        _settings = None
         _sqlite_files.clear()
 
 
@@ -446,91 +487,47 @@ class DirectResult:
         return self.rows[0] if self.rows else None
 
 
-# The bind parameters a DirectConnection's caller gives are named with this prefix; every
-# other value of a statement is its own (a literal, a member of an IN list).
-PARAMETER_PREFIX = "b_"
-
-
 class DirectConnection:
-    """A worker process's own psycopg connection, for statements built once with bind
-    parameters named `b_…` (app.tasks.lifecycle): each is compiled to SQL once, sent prepared,
-    in autocommit.
+    """A worker process's own psycopg connection, for statements built once
+    (app.tasks.lifecycle): each is compiled once (`CompiledStatements`), sent prepared, in
+    autocommit.
 
     It speaks as SQLAlchemy does where callers listen: a psycopg error is raised as
     SQLAlchemy's (OperationalError for a database that is away, DataError for a value it
-    refuses), and JSON parameters are encoded by `json_dumps` before the round trip, so a value
-    JSON cannot hold raises ValueError or TypeError without touching the database. Shared by
-    the run and its lease renewal thread: psycopg serialises their statements.
+    refuses), and JSON parameters are encoded before the round trip, so a value JSON cannot
+    hold raises ValueError or TypeError without touching the database. Shared by the run and
+    its lease renewal thread: psycopg serialises their statements.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, role: str) -> None:
         self.dialect = engine.dialect
         url = engine.url.set(drivername="postgresql")
         self._conninfo = url.render_as_string(hide_password=False)
-        self._args = dict(_postgres_options(get_settings(), role=_role)["connect_args"])
+        self._args = _connect_args(role)
         self._args["options"] = f"{self._args.get('options', '')} -c timezone=UTC".strip()
         self._connection: Any = None
         self._idle_since = 0.0
-        self._sql: dict[int, tuple[Any, str, dict[str, Any], frozenset[str]]] = {}
+        self.compiled = CompiledStatements(self.dialect)
         self._lock = threading.Lock()
 
     def execute(self, statement: Any, parameters: dict[str, Any]) -> DirectResult:
-        import psycopg
-
-        sql, own, json_binds = self._compiled(statement)
-        parameters = {**own, **parameters}
-        for name in json_binds & parameters.keys():
-            if parameters[name] is not None:
-                # Sent as text to the statement's ::JSON cast. ValueError, TypeError: a value
-                # JSON cannot hold.
-                parameters = {**parameters, name: json_dumps(parameters[name])}
+        compiled = self.compiled.get(statement)
+        values = compiled.parameters(parameters)
         started = time.perf_counter()
         try:
             with self._lock:
-                cursor = self._connect().execute(sql, parameters, prepare=True)
+                cursor = self._connect().execute(compiled.sql, values, prepare=True)
                 rows = cursor.fetchall() if cursor.description else []
                 result = DirectResult(rows, cursor.rowcount)
                 self._idle_since = time.monotonic()
         except psycopg.Error as exc:
             if self._connection is not None and self._connection.closed:
                 self._connection = None
-            raise DBAPIError.instance(sql, parameters, exc, psycopg.Error) from exc
-        from app.core import metrics
-
-        kind = sql.lstrip().split(None, 1)[0].lower()
-        metrics.DB_QUERY_SECONDS.labels(kind if kind in _KINDS else "other").observe(
-            time.perf_counter() - started
-        )
+            raise DBAPIError.instance(compiled.sql, values, exc, psycopg.Error) from exc
+        metrics.DB_QUERY_SECONDS.labels(compiled.kind).observe(time.perf_counter() - started)
         return result
 
-    def _compiled(self, statement: Any) -> tuple[str, dict[str, Any], frozenset[str]]:
-        """The SQL, the values the statement itself carries (its literals, the members of its
-        IN lists), and which parameters go to JSON columns."""
-        cached = self._sql.get(id(statement))
-        if cached is None or cached[0] is not statement:
-            compiled = statement.compile(dialect=self.dialect)
-            sql = str(compiled)
-            if "POSTCOMPILE" in sql:
-                # An IN list is expanded per execution by SQLAlchemy; write it as equalities.
-                raise ValueError(f"a DirectConnection cannot run an IN list: {sql}")
-            given = [name for name in compiled.binds if name.startswith(PARAMETER_PREFIX)]
-            own = {
-                name: value
-                for name, value in compiled.construct_params(dict.fromkeys(given)).items()
-                if not name.startswith(PARAMETER_PREFIX)
-            }
-            json_binds = frozenset(
-                name for name in given if isinstance(compiled.binds[name].type, sqltypes.JSON)
-            )
-            if len(self._sql) > 100:
-                self._sql.clear()  # only statements built once belong here
-            cached = self._sql[id(statement)] = (statement, sql, own, json_binds)
-        return cached[1], cached[2], cached[3]
-
     def _connect(self) -> Any:
-        import psycopg
-        from psycopg.rows import namedtuple_row
-
         connection = self._connection
         if (
             connection is not None
@@ -569,7 +566,7 @@ def direct_connection(engine: Engine) -> DirectConnection:
             if _direct is None or _direct_key != key:
                 if _direct is not None and _direct_key is not None and _direct_key[0] == key[0]:
                     _direct.close()  # the engine was replaced in this process
-                _direct, _direct_key = DirectConnection(engine), key
+                _direct, _direct_key = DirectConnection(engine, role=_role), key
     return _direct
 
 

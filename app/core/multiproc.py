@@ -2,8 +2,9 @@
 
 prometheus-client picks its storage (values.ValueClass) when it is first imported, from
 PROMETHEUS_MULTIPROC_DIR. Something may import it before us: Celery loads every installed
-`celery.commands` plugin (Flower's imports prometheus_client) before it imports `-A app.worker`.
-So setting the directory also makes an already imported prometheus-client switch to it.
+`celery.commands` plugin (Flower's imports prometheus_client) before it imports `-A app.worker`
+(app/worker/celery.py). So setting the directory also makes an already imported prometheus-client
+switch to it.
 This module never imports prometheus_client itself.
 """
 

@@ -1,4 +1,5 @@
-"""The safety net and the scheduler: publish the outbox, reap lost leases, re-ring lost bells.
+"""The dispatcher process: the loop that runs the outbox (app.tasks.publication) and the sweeps
+of app.tasks.recovery.
 
 Runs as its own process (`taskdock dispatcher`); several may run on PostgreSQL, since
 each batch is taken with FOR UPDATE SKIP LOCKED. On PostgreSQL a commit that puts a task in
@@ -16,18 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from app.core.config import Settings
-from app.core.db import get_engine, session_scope
-from app.tasks import lifecycle
-from app.tasks.publication import doorbell, queue_depths, send_batch
-from app.tasks.registry import time_limits
+from app.core.db import get_engine
+from app.tasks.publication import publish_outbox
+from app.tasks.recovery import Recovery
 
 logger = logging.getLogger(__name__)
-
-# pg_try_advisory_xact_lock's key for the lost-message sweep; any constant, the same everywhere.
-LOST_SWEEP_LOCK = 0x7A5D0C4C
 
 
 @dataclass
@@ -46,7 +43,7 @@ class Dispatcher:
         engine = get_engine()
         self.lock_rows = engine.dialect.name == "postgresql"
         self._last_sweep = 0.0
-        self._last_lost_sweep = 0.0
+        self.recovery = Recovery(settings=settings, celery_app=celery_app, lock=self.lock_rows)
         self._stop = threading.Event()
         self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
         # Without the API's own publish there is nothing to wait for: fresh rows are ours.
@@ -58,94 +55,33 @@ class Dispatcher:
         # The reaper and the lost-message sweep need not run every tick.
         if now - self._last_sweep >= self.settings.reaper_interval:
             self._last_sweep = now
-            self._sweep(report)
+            swept = self.recovery.sweep()
+            report.requeued, report.failed = swept.requeued, swept.failed
+            report.republished = swept.republished
+            report.errors.extend(swept.errors)
         self._publish_due(report)
         return report
 
-    def _sweep(self, report: TickReport) -> None:
-        try:
-            with session_scope() as session:
-                reaped = lifecycle.reap_expired_leases(
-                    session=session,
-                    max_deliveries=self.settings.task_max_deliveries,
-                    hard_limit=self.hard_limit,
-                )
-                report.requeued = reaped.requeued
-                report.failed = reaped.worker_lost + reaped.timed_out
-        except Exception as exc:
-            report.errors.append(f"sweep: {exc}")
-            logger.warning("lease sweep failed", exc_info=True)
-            return
-        if report.requeued or report.failed:
-            logger.warning(
-                "expired leases reaped",
-                extra={"requeued": report.requeued, "failed": report.failed},
-            )
-        # It counts every waiting row and asks the broker about each queue: not every tick.
-        now = time.monotonic()
-        if now - self._last_lost_sweep >= self.settings.republish_after_seconds / 3:
-            self._last_lost_sweep = now
-            self._recover_lost_messages(report)
-
-    def _recover_lost_messages(self, report: TickReport) -> None:
-        """Publish again what the broker lost (a flushed or restarted Redis), and only that."""
-        try:
-            with session_scope() as session:
-                # Several dispatchers would each see the same shortfall: one sweeps at a time.
-                if self.lock_rows and not session.scalar(
-                    text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": LOST_SWEEP_LOCK}
-                ):
-                    return
-                report.republished = lifecycle.forget_lost_publications(
-                    session=session,
-                    older_than=self.settings.republish_after_seconds,
-                    held=lambda queues: queue_depths(self.celery_app, queues),
-                )
-        except Exception as exc:
-            # Without the broker's count nothing is sent again: the outbox keeps the rows.
-            report.errors.append(f"lost-message sweep: {exc}")
-            logger.warning("lost-message sweep skipped", extra={"reason": str(exc)[:200]})
-            return
-        if report.republished:
-            logger.warning(
-                "messages missing from the broker; publishing again",
-                extra={"count": report.republished},
-            )
-
-    def hard_limit(self, type_: str) -> float:
-        """Seconds after which Celery has killed a run of this type."""
-        return time_limits(
-            type_,
-            default=self.settings.task_default_time_limit,
-            grace=self.settings.task_hard_limit_grace,
-        ).hard
-
     def _publish_due(self, report: TickReport) -> None:
         try:
-            with session_scope() as session:
-                due = lifecycle.due_unpublished(
-                    session=session,
-                    limit=self.settings.dispatcher_batch_size,
-                    grace=self.grace,
-                    lock=self.lock_rows,
-                )
-                if not due:
-                    return
-                # One broker round trip for the batch where the transport allows it.
-                sent, error = send_batch(self.celery_app, [doorbell(task) for task in due])
-                if error is not None:
-                    report.errors.append(f"publish: {error}")
-                    logger.warning(
-                        "broker unavailable; tasks stay in the outbox",
-                        extra={"waiting": len(due) - sent, "reason": str(error)},
-                    )
-                lifecycle.mark_many_published(
-                    session=session, published=[(task.id, task.attempt) for task in due[:sent]]
-                )
-                report.published = sent
+            outbox = publish_outbox(
+                celery_app=self.celery_app,
+                settings=self.settings,
+                limit=self.settings.dispatcher_batch_size,
+                grace=self.grace,
+                lock=self.lock_rows,
+            )
         except Exception as exc:
             report.errors.append(f"outbox: {exc}")
             logger.warning("outbox scan failed", exc_info=True)
+            return
+        report.published = outbox.sent
+        if outbox.error is not None:
+            report.errors.append(f"publish: {outbox.error}")
+            logger.warning(
+                "broker unavailable; tasks stay in the outbox",
+                extra={"waiting": outbox.waiting, "reason": str(outbox.error)},
+            )
 
     def run_forever(self, *, heartbeat_file: Path | None = None) -> None:
         logger.info("dispatcher started", extra={"interval": self.settings.dispatcher_interval})

@@ -13,12 +13,13 @@ paths below prevent.
    batch (`Publisher`: one broker round trip per batch: a Redis pipeline, or one AMQP channel).
    A message not sent within TASKDOCK_PUBLISH_TIMEOUT is unmarked (`published_at = NULL`),
    which puts its task in the outbox. Only then does the request answer 202.
-2. **The dispatcher** (app/tasks/dispatcher.py) publishes the outbox: waiting rows, due, not
-   marked, untouched for TASKDOCK_DISPATCH_GRACE_SECONDS, taken FOR UPDATE SKIP LOCKED; it marks
-   them once the broker took them. Countdowns, retries, the reaper's requeues and the API's
+2. **The dispatcher** (app/tasks/dispatcher.py) publishes the outbox (`publish_outbox`, at the
+   end of this module): waiting rows, due, not marked, untouched for
+   TASKDOCK_DISPATCH_GRACE_SECONDS, taken FOR UPDATE SKIP LOCKED; it marks them once the broker
+   took them. Countdowns, retries, the reaper's requeues and the API's
    retry all reach the broker this way, and so does every submission when
    TASKDOCK_PUBLISH_ON_SUBMIT=false or while the broker was found away.
-3. **The lost-message sweep** (`forget_lost_publications` in app/tasks/lifecycle.py, run by the
+3. **The lost-message sweep** (`forget_lost_publications` in app/tasks/recovery.py, run by the
    dispatcher) unmarks rows whose message the broker no longer holds: the API died between its
    commit and its publish, or Redis restarted empty. It compares the broker's queue depths with
    the marked rows, so only the shortfall is sent again and a backlog never multiplies.
@@ -34,19 +35,25 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg
-from celery import Celery
+from celery import Celery, signals
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session
 
 from app.core.celery import JOB_NAME
-from app.core.config import Settings, get_settings
-from app.tasks import lifecycle, service
+from app.core.config import Settings
+from app.core.db import session_scope
+from app.db.base import utcnow
+from app.tasks import service
 from app.tasks.models import Task
 from app.tasks.registry import TimeLimits, time_limits
 from app.tasks.schemas import TaskCreate
+from app.tasks.states import WAITING, TaskStatus
 
 if TYPE_CHECKING:
     from app.api.deps import Database
@@ -70,20 +77,35 @@ class Doorbell:
     request_id: str | None = None
 
 
-def doorbell(task: Task) -> Doorbell:
-    """What the broker is told about a committed record."""
-    return _doorbell(task.id, task.attempt, task.type, task.queue, task.priority, task.request_id)
+def doorbell(task: Task, *, settings: Settings) -> Doorbell:
+    """What the broker is told about a committed record; `settings` give the default time
+    limits."""
+    return _doorbell(
+        task.id, task.attempt, task.type, task.queue, task.priority, task.request_id, settings
+    )
 
 
-def row_doorbell(row: dict[str, Any]) -> Doorbell:
+def row_doorbell(row: dict[str, Any], *, settings: Settings) -> Doorbell:
     """`doorbell` for a row `service.prepare` made."""
     return _doorbell(
-        row["id"], row["attempt"], row["type"], row["queue"], row["priority"], row["request_id"]
+        row["id"],
+        row["attempt"],
+        row["type"],
+        row["queue"],
+        row["priority"],
+        row["request_id"],
+        settings,
     )
 
 
 def _doorbell(
-    task_id: uuid.UUID, attempt: int, type_: str, queue: str, priority: int, request_id: str | None
+    task_id: uuid.UUID,
+    attempt: int,
+    type_: str,
+    queue: str,
+    priority: int,
+    request_id: str | None,
+    settings: Settings,
 ) -> Doorbell:
     return Doorbell(
         task_id=task_id,
@@ -91,11 +113,7 @@ def _doorbell(
         type=type_,
         queue=queue,
         priority=priority,
-        limits=time_limits(
-            type_,
-            default=get_settings().task_default_time_limit,
-            grace=get_settings().task_hard_limit_grace,
-        ),
+        limits=time_limits(type_, settings=settings),
         request_id=request_id,
     )
 
@@ -105,30 +123,75 @@ def message_id(task_id: uuid.UUID, attempt: int) -> str:
     return f"{task_id}.{attempt}"
 
 
-def send(app: Celery, bell: Doorbell, *, producer: Any = None, connection: Any = None) -> None:
-    """Publish one message, without Celery's own retry loop (it can stall for seconds)."""
+def send(app: Celery, bell: Doorbell, *, producer: Any) -> None:
+    """Publish one message in Celery's own format (protocol 2), without Celery's retry loop
+    (it can stall for seconds)."""
     broker = app.conf.broker_url.split("://", 1)[0]
     # Redis sorts priority 0 first, RabbitMQ 9 first; the API speaks RabbitMQ's language.
     priority = 9 - bell.priority if broker.startswith("redis") else bell.priority
     task_id = str(bell.task_id)
-    # Celery's stubs say int; it takes seconds as a float.
-    limits: dict[str, Any] = {"soft_time_limit": bell.limits.soft, "time_limit": bell.limits.hard}
-    app.send_task(
-        JOB_NAME,
-        kwargs={"task_id": task_id, "attempt": bell.attempt},
-        queue=bell.queue,
-        priority=priority,
-        task_id=message_id(bell.task_id, bell.attempt),
-        retry=False,
-        producer=producer,
-        connection=connection,
-        headers={"taskdock_type": bell.type, "taskdock_request_id": bell.request_id},
+    kwargs = {"task_id": task_id, "attempt": bell.attempt}
+    headers = {"taskdock_type": bell.type, "taskdock_request_id": bell.request_id}
+    options: dict[str, Any] = {
         # What Flower, `celery inspect` and `celery events` show: the task type's name and the
         # taskdock id. Given here, Celery does not build them with its (slower) saferepr.
-        shadow=bell.type,
-        argsrepr="()",
-        kwargsrepr=f"{{'task_id': '{task_id}', 'attempt': {bell.attempt}}}",
-        **limits,
+        "shadow": bell.type,
+        "argsrepr": "()",
+        "kwargsrepr": f"{{'task_id': '{task_id}', 'attempt': {bell.attempt}}}",
+        # Celery's stubs say int; it takes seconds as a float.
+        "soft_time_limit": bell.limits.soft,
+        "time_limit": bell.limits.hard,
+    }
+    queue = app.amqp.queues[bell.queue]
+    if _celery_listens(app) or queue.exchange.type != "direct":
+        # Celery's own path sends the task-sent event and the publish signals (tracing
+        # libraries hook them), and routes any other exchange type.
+        app.send_task(
+            JOB_NAME,
+            kwargs=kwargs,
+            queue=bell.queue,
+            priority=priority,
+            task_id=message_id(bell.task_id, bell.attempt),
+            retry=False,
+            producer=producer,
+            headers=headers,
+            **options,
+        )
+        return
+    # The message send_task would build, published as its send_task_message would on a direct
+    # exchange, without the router, the option merging and the result object: a batched
+    # publish costs 0.05 ms of CPU instead of 0.12-0.2 ms (measured on Redis).
+    message = app.amqp.as_task_v2(
+        message_id(bell.task_id, bell.attempt),
+        JOB_NAME,
+        args=(),
+        kwargs=kwargs,
+        reply_to=app.thread_oid,
+        ignore_result=False,
+        **options,
+    )
+    message.headers.update(headers)
+    producer.publish(
+        message.body,
+        exchange="",
+        routing_key=queue.name,
+        declare=[queue],
+        serializer=app.conf.task_serializer,
+        compression=app.conf.task_compression,
+        delivery_mode=queue.exchange.delivery_mode or app.conf.task_default_delivery_mode,
+        headers=message.headers,
+        priority=priority,
+        retry=False,
+        **message.properties,
+    )
+
+
+def _celery_listens(app: Celery) -> bool:
+    """Whether anything waits for Celery's own publish path: its sent events or signals."""
+    return bool(
+        app.conf.task_send_sent_event
+        or signals.before_task_publish.receivers
+        or signals.after_task_publish.receivers
     )
 
 
@@ -344,17 +407,20 @@ class Submitter:
                 data=data,
                 owner=owner,
                 idempotency_key=idempotency_key,
+                extra_queues=self.settings.extra_queues,
                 request_id=request_id,
                 max_unfinished=quota,
                 publishing=publishing,
             )
             if created:
-                await self._ring(doorbell(task), task, due=task.published_at is not None)
+                bell = doorbell(task, settings=self.settings)
+                await self._ring(bell, task, due=task.published_at is not None)
             return task, created
         row = service.prepare(
             data=data,
             owner=owner,
             idempotency_key=None,
+            extra_queues=self.settings.extra_queues,
             request_id=request_id,
             publishing=publishing,
         )
@@ -367,7 +433,7 @@ class Submitter:
         if quota:
             self.quota.accepted(owner)
         if row["published_at"] is not None:
-            await self._ring(row_doorbell(row), row, due=True)
+            await self._ring(row_doorbell(row, settings=self.settings), row, due=True)
         return row, True
 
     async def _commit(self, rows: list[dict[str, Any]]) -> list[Exception | None]:
@@ -405,7 +471,7 @@ class Submitter:
         """Publish a task already committed and not marked (a retry); mark it if sent."""
         if not self.settings.publish_on_submit:
             return False  # the commit woke the dispatcher
-        sent = await self.publisher.publish(doorbell(task))
+        sent = await self.publisher.publish(doorbell(task, settings=self.settings))
         if sent:
             await self.record(published=True, task_id=task.id, attempt=task.attempt)
         return sent
@@ -413,13 +479,9 @@ class Submitter:
     async def record(self, *, published: bool, task_id: uuid.UUID, attempt: int) -> None:
         try:
             if published:
-                await self.database.autocommit(
-                    lifecycle.mark_many_published, published=[(task_id, attempt)]
-                )
+                await self.database.autocommit(mark_many_published, published=[(task_id, attempt)])
             else:
-                await self.database.autocommit(
-                    lifecycle.unmark_published, task_id=task_id, attempt=attempt
-                )
+                await self.database.autocommit(unmark_published, task_id=task_id, attempt=attempt)
         except Exception:
             # The request has succeeded and the task is recorded. A missing mark costs one
             # duplicate message; a missing unmark leaves the task to the lost-message sweep.
@@ -443,3 +505,75 @@ def queue_depths(app: Celery, queues: list[str], *, timeout: int = 1) -> dict[st
                 depths[queue] = 0
                 channel = connection.channel()
     return depths
+
+
+# The outbox: the dispatcher's path (2 in the map above).
+
+
+@dataclass(frozen=True)
+class OutboxRound:
+    sent: int
+    waiting: int  # taken from the outbox but not sent: the broker is away
+    error: Exception | None
+
+
+def publish_outbox(
+    *, celery_app: Celery, settings: Settings, limit: int, grace: float, lock: bool
+) -> OutboxRound:
+    """Send one batch of the outbox in one broker round trip, and mark what the broker took."""
+    with session_scope() as session:
+        due = due_unpublished(session=session, limit=limit, grace=grace, lock=lock)
+        if not due:
+            return OutboxRound(sent=0, waiting=0, error=None)
+        bells = [doorbell(task, settings=settings) for task in due]
+        sent, error = send_batch(celery_app, bells)
+        mark_many_published(
+            session=session, published=[(task.id, task.attempt) for task in due[:sent]]
+        )
+        return OutboxRound(sent=sent, waiting=len(due) - sent, error=error)
+
+
+def due_unpublished(*, session: Session, limit: int, grace: float, lock: bool) -> list[Task]:
+    """The outbox: waiting rows the broker has not been told about, due now.
+
+    Rows changed in the last `grace` seconds are left to the API's own publish, so the
+    two rarely send the same message twice (twice is harmless, only wasteful).
+    """
+    now = utcnow()
+    query = (
+        select(Task)
+        .where(
+            Task.status.in_(sorted(WAITING)),
+            Task.published_at.is_(None),
+            Task.run_after <= now,
+            Task.updated_at <= now - timedelta(seconds=grace),
+        )
+        .order_by(Task.priority.desc(), Task.run_after)
+        .limit(limit)
+    )
+    if lock:
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def mark_many_published(*, session: Session, published: list[tuple[uuid.UUID, int]]) -> None:
+    """One UPDATE for a whole batch: the dispatcher publishes hundreds per round trip."""
+    if not published:
+        return
+    now = utcnow()
+    session.execute(
+        update(Task)
+        .where(tuple_(Task.id, Task.attempt).in_(published), Task.published_at.is_(None))
+        .values(published_at=now, queued_at=func.coalesce(Task.queued_at, now))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def unmark_published(*, session: Session, task_id: uuid.UUID, attempt: int) -> None:
+    """The publish promised at insert did not happen: hand the task to the dispatcher."""
+    session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.attempt == attempt, Task.status == TaskStatus.QUEUED)
+        .values(published_at=None, queued_at=None)
+        .execution_options(synchronize_session=False)
+    )

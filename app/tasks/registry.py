@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from app.core.config import ConfigError
+from app.core.config import ConfigError, Settings
 from app.core.errors import InvalidInput
 
 InputT = TypeVar("InputT", bound=BaseModel)
@@ -87,6 +87,9 @@ class TaskType:
 
 
 _registry: dict[str, TaskType] = {}
+# Counts registrations, so what is built from the registry (the /task-types answer) is built
+# again only when it has changed.
+_version = 0
 
 
 class UnknownTaskType(InvalidInput):
@@ -107,9 +110,11 @@ def task_type(
     def register(
         func: Callable[[InputT, TaskContext], Any],
     ) -> Callable[[InputT, TaskContext], Any]:
+        global _version
         existing = _registry.get(name)
         if existing is not None and existing.func is not func:
             raise ValueError(f"task type {name!r} is registered twice")
+        _version += 1
         _registry[name] = TaskType(
             name=name,
             func=func,
@@ -141,6 +146,11 @@ def all_task_types() -> list[TaskType]:
     return sorted(_registry.values(), key=lambda task: task.name)
 
 
+def registry_version() -> int:
+    """A number that changes whenever a task type is registered."""
+    return _version
+
+
 @dataclass(frozen=True)
 class TimeLimits:
     """A run's limits in seconds: at `soft` Celery raises SoftTimeLimitExceeded in the task,
@@ -150,13 +160,13 @@ class TimeLimits:
     hard: float
 
 
-def time_limits(name: str, *, default: float, grace: float) -> TimeLimits:
+def time_limits(name: str, *, settings: Settings) -> TimeLimits:
     """The one place the limits are worked out: the type's own limit, or the default
-    (TASKDOCK_TASK_DEFAULT_TIME_LIMIT), and the hard one `grace` seconds later
-    (TASKDOCK_TASK_HARD_LIMIT_GRACE). An unknown type (a module not loaded) gets the default."""
+    (TASKDOCK_TASK_DEFAULT_TIME_LIMIT), and the hard one TASKDOCK_TASK_HARD_LIMIT_GRACE seconds
+    later. An unknown type (a module not loaded) gets the default."""
     task = _registry.get(name)
-    soft = (task.time_limit if task is not None else None) or default
-    return TimeLimits(soft=soft, hard=soft + grace)
+    soft = (task.time_limit if task is not None else None) or settings.task_default_time_limit
+    return TimeLimits(soft=soft, hard=soft + settings.task_hard_limit_grace)
 
 
 def known_queues(extra: list[str]) -> set[str]:

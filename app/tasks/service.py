@@ -15,7 +15,6 @@ from sqlalchemy import Select, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.core.config import get_settings
 from app.core.errors import InvalidInput, field_errors
 from app.db.base import utcnow
 from app.tasks import lifecycle
@@ -50,11 +49,13 @@ def prepare(
     data: TaskCreate,
     owner: str,
     idempotency_key: str | None,
+    extra_queues: list[str],
     request_id: str | None = None,
     publishing: bool = False,
 ) -> dict[str, Any]:
     """A submission's new row, validated: its payload against the type's input model, its
-    queue against the known ones. InvalidInput (422) names what is wrong; nothing is written.
+    queue against the known ones (the task types' and `extra_queues`, TASKDOCK_EXTRA_QUEUES).
+    InvalidInput (422) names what is wrong; nothing is written.
 
     With `publishing`, a task due now is recorded as published: the API publishes it right
     after the commit and unmarks it if that fails (app/tasks/publication.py).
@@ -69,7 +70,7 @@ def prepare(
         raise InvalidInput("payload does not match the task type's input", fields=fields) from None
 
     queue = data.queue or task_type.queue
-    if queue not in known_queues(get_settings().extra_queues):
+    if queue not in known_queues(extra_queues):
         # No worker would ever consume it: the task would wait forever.
         raise InvalidInput(
             f"unknown queue {queue!r}",
@@ -87,7 +88,7 @@ def prepare(
         "id": uuid.uuid4(),
         "type": task_type.name,
         "payload": payload,
-        "status": TaskStatus.QUEUED.value,
+        "status": TaskStatus.QUEUED,
         "queue": queue,
         "priority": data.priority,
         "attempt": 1,
@@ -114,6 +115,7 @@ def submit(
     data: TaskCreate,
     owner: str,
     idempotency_key: str | None,
+    extra_queues: list[str],
     request_id: str | None = None,
     max_unfinished: int = 0,
     publishing: bool = False,
@@ -129,6 +131,7 @@ def submit(
         data=data,
         owner=owner,
         idempotency_key=idempotency_key,
+        extra_queues=extra_queues,
         request_id=request_id,
         publishing=publishing,
     )
@@ -180,7 +183,7 @@ def _unless_repeated(session: Session) -> Any:
 # parameters are expanded per execution.
 UNFINISHED_COUNT = select(func.count().label("count")).where(
     _TABLE.c.owner == bindparam("owner"),
-    or_(*(_TABLE.c.status == state.value for state in sorted(UNFINISHED))),
+    or_(*(_TABLE.c.status == state for state in sorted(UNFINISHED))),
 )
 
 
@@ -266,7 +269,7 @@ def list_tasks(
     if owner is not None:
         query = query.where(Task.owner == owner)
     if status is not None:
-        query = query.where(Task.status == status.value)
+        query = query.where(Task.status == status)
     if type_ is not None:
         query = query.where(Task.type == type_)
     if cursor is not None:
@@ -288,7 +291,7 @@ def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     task = get(session=session, task_id=task_id, owner=owner)
     # Twice at most: a worker may move the task to its next attempt between read and write.
     for _ in range(2):
-        current = TaskStatus(task.status)
+        current = task.status
         if current.terminal:
             raise TaskFinished(f"a {current.value} task cannot be cancelled", status=current.value)
         check_transition(current, TaskStatus.CANCELLED)
@@ -299,10 +302,10 @@ def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
                 .where(
                     Task.id == task.id,
                     Task.attempt == task.attempt,
-                    Task.status == current.value,
+                    Task.status == current,
                 )
                 .values(
-                    status=TaskStatus.CANCELLED.value,
+                    status=TaskStatus.CANCELLED,
                     finished_at=now,
                     updated_at=now,
                     lease_expires_at=None,
@@ -319,7 +322,7 @@ def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
 def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     """Run a FAILED or CANCELLED task again as a new attempt with a fresh retry budget."""
     task = get(session=session, task_id=task_id, owner=owner)
-    check_transition(TaskStatus(task.status), TaskStatus.QUEUED)
+    check_transition(task.status, TaskStatus.QUEUED)
     budget = get_task_type(task.type).retry.max_retries
     now = utcnow()
     changed = lifecycle.rowcount(
@@ -334,7 +337,7 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
             .values(
                 attempt=task.attempt + 1,
                 max_attempts=task.attempt + 1 + budget,
-                status=TaskStatus.QUEUED.value,
+                status=TaskStatus.QUEUED,
                 deliveries=0,
                 run_after=now,
                 published_at=None,

@@ -1,6 +1,6 @@
 """The worker registry: heartbeats in; who consumes which queue, and what waits there, out.
 
-Each worker's consumer writes its row every few seconds (`app.core.worker_hooks`). A queue
+Each worker's consumer writes its row every few seconds (`app.worker.hooks`). A queue
 whose tasks wait while no live worker consumes it is what `taskdock status` flags and the
 `taskdock_queue_consumers` gauge alerts on: such tasks would stay QUEUED forever.
 """
@@ -79,7 +79,7 @@ def running_by_worker(*, session: Session) -> dict[str, int]:
     counts: dict[str, int] = {}
     rows = session.execute(
         select(Task.worker, func.count())
-        .where(Task.status == TaskStatus.RUNNING.value)
+        .where(Task.status == TaskStatus.RUNNING)
         .group_by(Task.worker)
     ).all()
     for worker, count in rows:
@@ -109,7 +109,7 @@ def queue_report(*, session: Session, known: set[str], max_age: float) -> list[Q
     now = utcnow()
     rows = session.execute(
         select(Task.queue, func.count(), func.min(Task.run_after))
-        .where(Task.status.in_([state.value for state in WAITING]), Task.run_after <= now)
+        .where(Task.status.in_(sorted(WAITING)), Task.run_after <= now)
         .group_by(Task.queue)
     ).all()
     waiting = {queue: (int(count), oldest) for queue, count, oldest in rows}

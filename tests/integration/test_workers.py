@@ -18,13 +18,12 @@ from fastapi.testclient import TestClient
 from kombu import Connection
 from sqlalchemy import func, select
 
-from app.core.celery import get_celery_app
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.tasks import service
 from app.tasks.models import Task
 from app.tasks.schemas import TaskCreate
-from tests.support.services import wait_for
+from tests.support.services import celery_app, wait_for
 from tests.support.stack import Stack, running_stack, wait_status
 
 pytestmark = pytest.mark.slow
@@ -199,12 +198,14 @@ def test_pickled_message_is_refused(stack: Stack, client: TestClient) -> None:
         {"type": "process_data", "payload": {"user_id": 1, "data": "x"}}
     )
     with session_scope() as session:
-        task, _ = service.submit(session=session, data=data, owner="", idempotency_key=None)
+        task, _ = service.submit(
+            session=session, data=data, owner="", idempotency_key=None, extra_queues=[]
+        )
         task_id = str(task.id)
     settings = get_settings()
     with Connection(
         settings.celery_broker_url,
-        transport=get_celery_app().conf.broker_transport,
+        transport=celery_app().conf.broker_transport,
         transport_options=dict(stack_transport_options()),
     ) as connection:
         connection.Producer(serializer="pickle").publish(

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -308,3 +309,18 @@ def wait_for(condition: object, *, timeout: float, what: str, interval: float = 
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+_celery_apps: dict[int, tuple[Any, Any]] = {}
+
+
+def celery_app() -> Any:
+    """The Celery app of this process's current settings, as an entry point would build it."""
+    from app.core.celery import create_celery_app
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    found = _celery_apps.get(id(settings))
+    if found is None or found[0] is not settings:
+        found = _celery_apps[id(settings)] = (settings, create_celery_app(settings))
+    return found[1]

@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from sqlalchemy import text
 
-from app.core.celery import get_celery_app
 from app.core.config import get_settings
 from app.core.db import get_engine, session_scope
 from app.tasks import service
@@ -22,7 +21,7 @@ from app.tasks.models import Task
 from app.tasks.publication import queue_depths
 from app.tasks.schemas import TaskCreate
 from tests.conftest import migrate_now
-from tests.support.services import RedisServer, scratch_database
+from tests.support.services import RedisServer, celery_app, scratch_database
 from tests.support.stack import base_env
 
 PROCESS = {"type": "process_data", "payload": {"user_id": 1, "data": "x"}}
@@ -44,6 +43,7 @@ def record(*, published: bool) -> uuid.UUID:
             data=TaskCreate.model_validate(PROCESS),
             owner="",
             idempotency_key=None,
+            extra_queues=[],
             publishing=published,
         )
     return task.id
@@ -103,7 +103,7 @@ def test_without_the_api_publishing_the_dispatcher_publishes_fresh_tasks_at_once
         assert row is not None
         assert row.published_at is None
 
-    report = Dispatcher(settings=get_settings(), celery_app=get_celery_app()).tick()
+    report = Dispatcher(settings=get_settings(), celery_app=celery_app()).tick()
 
     # No grace: no API publish is coming for it.
     assert report.published == 1, report
@@ -155,8 +155,9 @@ def test_a_backlog_never_multiplies_and_a_flushed_broker_is_recovered(
                         data=TaskCreate.model_validate(PROCESS),
                         owner="",
                         idempotency_key=None,
+                        extra_queues=[],
                     )
-            dispatcher = Dispatcher(settings=get_settings(), celery_app=get_celery_app())
+            dispatcher = Dispatcher(settings=get_settings(), celery_app=celery_app())
 
             def period() -> int:
                 """A republish period passes; returns what the broker holds afterwards."""
@@ -164,22 +165,23 @@ def test_a_backlog_never_multiplies_and_a_flushed_broker_is_recovered(
                     session.execute(
                         text("UPDATE task SET published_at = published_at - interval '1 hour'")
                     )
-                dispatcher._last_sweep = dispatcher._last_lost_sweep = 0.0  # the sweeps are due
+                # The sweeps are due.
+                dispatcher._last_sweep = dispatcher.recovery._last_lost_sweep = 0.0
                 report = dispatcher.tick()
                 assert not report.errors, report.errors
                 while dispatcher.tick().published:
                     pass
-                return queue_depths(get_celery_app(), ["default"])["default"]
+                return queue_depths(celery_app(), ["default"])["default"]
 
             while dispatcher.tick().published:
                 pass
-            assert queue_depths(get_celery_app(), ["default"])["default"] == backlog
+            assert queue_depths(celery_app(), ["default"])["default"] == backlog
             held = [period() for _ in range(10)]
             assert held == [backlog] * 10
 
             redis_client = Redis.from_url(redis.url)
             redis_client.flushall()  # the broker restarted empty: every message is lost
-            assert queue_depths(get_celery_app(), ["default"])["default"] == 0
+            assert queue_depths(celery_app(), ["default"])["default"] == 0
             assert period() == backlog
             assert period() == backlog
     finally:

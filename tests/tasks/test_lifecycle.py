@@ -1,4 +1,7 @@
-"""Claim, lease, fence and reap, on the real databases (SQLite and PostgreSQL)."""
+"""Claim, lease and fence (lifecycle), reap and recover (recovery), the outbox (publication).
+
+On the real databases: SQLite and PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from sqlalchemy import update
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.db.base import utcnow
-from app.tasks import lifecycle, service
+from app.tasks import lifecycle, publication, recovery, service
 from app.tasks.models import Task
 from app.tasks.schemas import TaskCreate
 from app.tasks.states import IllegalTransition, TaskStatus
@@ -29,7 +32,9 @@ def new_task(**fields: object) -> uuid.UUID:
         {"type": "process_data", "payload": {"user_id": 1, "data": "x"}, **fields}
     )
     with session_scope() as session:
-        task, _ = service.submit(session=session, data=data, owner="", idempotency_key=None)
+        task, _ = service.submit(
+            session=session, data=data, owner="", idempotency_key=None, extra_queues=[]
+        )
         return task.id
 
 
@@ -153,7 +158,7 @@ def test_reaper_requeues_lost_runs_and_fails_poison(database: str) -> None:
         session.execute(update(Task).where(Task.id == poison).values(deliveries=3))
 
     with session_scope() as session:
-        reaped = lifecycle.reap_expired_leases(
+        reaped = recovery.reap_expired_leases(
             session=session, max_deliveries=3, hard_limit=lambda _type: 3600
         )
 
@@ -173,23 +178,23 @@ def test_outbox_lists_due_unpublished_tasks_by_priority(database: str) -> None:
     new_task(countdown=3600)
 
     with session_scope() as session:
-        due = lifecycle.due_unpublished(
+        due = publication.due_unpublished(
             session=session, limit=10, grace=0, lock=database == "postgres"
         )
         assert [task.id for task in due] == [high, low]
-        lifecycle.mark_many_published(session=session, published=[(high, 1)])
+        publication.mark_many_published(session=session, published=[(high, 1)])
     with session_scope() as session:
-        due = lifecycle.due_unpublished(session=session, limit=10, grace=0, lock=False)
+        due = publication.due_unpublished(session=session, limit=10, grace=0, lock=False)
         assert [task.id for task in due] == [low]
         # Rows just written are left to the API's own publish for `grace` seconds.
-        assert lifecycle.due_unpublished(session=session, limit=10, grace=60, lock=False) == []
+        assert publication.due_unpublished(session=session, limit=10, grace=60, lock=False) == []
 
 
 def test_a_batch_is_marked_published_by_attempt(database: str) -> None:
     first, second, stale = new_task(), new_task(), new_task()
 
     with session_scope() as session:
-        lifecycle.mark_many_published(
+        publication.mark_many_published(
             session=session, published=[(first, 1), (second, 1), (stale, 2)]
         )
 
@@ -202,7 +207,7 @@ def test_a_batch_is_marked_published_by_attempt(database: str) -> None:
 def test_only_publications_the_broker_lost_are_forgotten(database: str) -> None:
     older, newer, fresh = new_task(), new_task(), new_task()
     with session_scope() as session:
-        lifecycle.mark_many_published(
+        publication.mark_many_published(
             session=session, published=[(older, 1), (newer, 1), (fresh, 1)]
         )
         for task_id, age in ((older, 3600), (newer, 1800)):
@@ -222,28 +227,22 @@ def test_only_publications_the_broker_lost_are_forgotten(database: str) -> None:
 
     with session_scope() as session:
         # The broker holds a message for every published row: a backlog, nothing lost.
-        assert (
-            lifecycle.forget_lost_publications(session=session, older_than=600, held=held(3)) == 0
-        )
+        assert recovery.forget_lost_publications(session=session, older_than=600, held=held(3)) == 0
         # One missing: the oldest publication goes back to the outbox, and only it.
-        assert (
-            lifecycle.forget_lost_publications(session=session, older_than=600, held=held(2)) == 1
-        )
+        assert recovery.forget_lost_publications(session=session, older_than=600, held=held(2)) == 1
     assert asked == [["default"], ["default"]]
     assert load(older).published_at is None
     assert load(older).queued_at is not None
     assert load(newer).published_at is not None
     with session_scope() as session:
         # A flushed broker: every row published long enough ago, never the fresh one.
-        assert (
-            lifecycle.forget_lost_publications(session=session, older_than=600, held=held(0)) == 1
-        )
+        assert recovery.forget_lost_publications(session=session, older_than=600, held=held(0)) == 1
     assert load(newer).published_at is None
     assert load(fresh).published_at is not None
 
 
 def test_runner_runs_a_task_once(database: str) -> None:
-    from app.tasks.runner import Outcome, execute
+    from app.worker.runner import Outcome, execute
 
     task_id = new_task()
     ended = execute(task_id=task_id, attempt=1, worker="inproc", settings=get_settings())
@@ -270,7 +269,7 @@ def test_reaper_ends_a_run_killed_by_its_hard_time_limit(database: str) -> None:
         )
 
     with session_scope() as session:
-        reaped = lifecycle.reap_expired_leases(
+        reaped = recovery.reap_expired_leases(
             session=session, max_deliveries=3, hard_limit=lambda _type: 70
         )
 

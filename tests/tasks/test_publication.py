@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from app.api.deps import Database
-from app.core.celery import get_celery_app
 from app.core.config import get_settings
 from app.core.db import session_scope
-from app.tasks import service
+from app.tasks import publication, service
 from app.tasks.exceptions import QuotaExceeded
 from app.tasks.models import Task
 from app.tasks.publication import Batches, Publisher, Submitter
+from app.tasks.registry import time_limits
 from app.tasks.schemas import TaskCreate
 from tests.conftest import migrate_now
 from tests.support import services
@@ -27,7 +30,7 @@ PROCESS = TaskCreate.model_validate(
 
 
 def new_row(**changes: Any) -> dict[str, Any]:
-    row = service.prepare(data=PROCESS, owner="", idempotency_key=None)
+    row = service.prepare(data=PROCESS, owner="", idempotency_key=None, extra_queues=[])
     row.update(changes)
     return row
 
@@ -60,7 +63,7 @@ def test_a_row_the_database_refuses_fails_alone(backend: dict[str, str]) -> None
 
     async def main() -> list[BaseException | None]:
         database = Database(settings=settings)
-        publisher = Publisher(get_celery_app(), timeout=1.0)
+        publisher = Publisher(services.celery_app(), timeout=1.0)
         submitter = Submitter(settings=settings, database=database, publisher=publisher)
         try:
             # Submitted together, so they share one INSERT until it fails.
@@ -91,7 +94,7 @@ def submit_five() -> list[tuple[dict[str, Any] | Task, bool]]:
 
     async def main() -> list[tuple[dict[str, Any] | Task, bool]]:
         database = Database(settings=settings)
-        publisher = Publisher(get_celery_app(), timeout=2.0)
+        publisher = Publisher(services.celery_app(), timeout=2.0)
         submitter = Submitter(settings=settings, database=database, publisher=publisher)
         try:
             return await asyncio.gather(
@@ -148,11 +151,17 @@ def test_the_quota_counts_a_keys_unfinished_tasks(backend: dict[str, str]) -> No
     settings = get_settings()
     with session_scope() as session:
         for _ in range(3):
-            service.submit(session=session, data=PROCESS, owner="alice", idempotency_key=None)
+            service.submit(
+                session=session,
+                data=PROCESS,
+                owner="alice",
+                idempotency_key=None,
+                extra_queues=[],
+            )
 
     async def main() -> list[str]:
         database = Database(settings=settings)
-        publisher = Publisher(get_celery_app(), timeout=1.0)
+        publisher = Publisher(services.celery_app(), timeout=1.0)
         submitter = Submitter(settings=settings, database=database, publisher=publisher)
         answers = []
         try:
@@ -168,3 +177,54 @@ def test_the_quota_counts_a_keys_unfinished_tasks(backend: dict[str, str]) -> No
         return answers
 
     assert asyncio.run(main()) == ["ok", "quota_exceeded", "ok"]
+
+
+def test_a_message_is_the_one_celerys_send_task_makes(
+    backend: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`send` builds Celery's protocol-2 message itself; it must be the message send_task
+    makes, so any Celery worker, `celery inspect` and Flower read it."""
+    app = services.celery_app()
+    queue = f"format-{uuid.uuid4().hex[:8]}"
+    bell = publication.Doorbell(
+        task_id=uuid.uuid4(),
+        attempt=2,
+        type="process_data",
+        queue=queue,
+        priority=3,
+        limits=time_limits("process_data", settings=get_settings()),
+        request_id="format-1",
+    )
+
+    def publish(*, celerys_own: bool) -> Any:
+        monkeypatch.setattr(publication, "_celery_listens", lambda _app: celerys_own)
+        with app.producer_or_acquire() as producer:
+            publication.send(app, bell, producer=producer)
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            found = None
+            for _ in range(50):
+                found = channel.basic_get(queue, no_ack=True)
+                if found is not None:
+                    return found
+                time.sleep(0.1)
+        raise AssertionError(f"no message in {queue}")
+
+    try:
+        own = publish(celerys_own=False)
+        celerys = publish(celerys_own=True)
+    finally:
+        with app.connection_for_write() as connection:
+            connection.default_channel.queue_delete(queue)
+
+    assert own.body == celerys.body
+    assert own.headers == {**celerys.headers, "ignore_result": False}
+    assert own.headers["taskdock_type"] == "process_data"
+    assert own.headers["timelimit"] == celerys.headers["timelimit"]
+    assert own.delivery_info.get("priority") == celerys.delivery_info.get("priority")
+    # send_task also copies argsrepr and kwargsrepr into the properties; the headers carry them
+    # (and are the properties' application_headers on AMQP, compared above).
+    ignored = {"delivery_tag", "argsrepr", "kwargsrepr", "application_headers"}
+    assert {k: v for k, v in own.properties.items() if k not in ignored} == {
+        k: v for k, v in celerys.properties.items() if k not in ignored
+    }

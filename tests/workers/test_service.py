@@ -51,7 +51,9 @@ def test_queue_report_counts_waiting_tasks_and_live_consumers(database: dict[str
             TaskCreate(type="tests.side"),
             TaskCreate(type="tests.side", countdown=600),
         ):
-            tasks_service.submit(session=session, data=data, owner="", idempotency_key=None)
+            tasks_service.submit(
+                session=session, data=data, owner="", idempotency_key=None, extra_queues=[]
+            )
 
     with session_scope() as session:
         reports = {

@@ -26,8 +26,11 @@ def run_migrations(connection: Connection) -> None:
 
 connection = context.config.attributes.get("connection")
 if connection is None:
-    from app.core.db import get_engine
+    # Run by the `alembic` command (alembic.ini), which is then this process's start.
+    from app.core.config import get_settings
+    from app.core.db import configure, get_engine
 
+    configure(get_settings(), role="migrate")
     with get_engine().connect() as fresh:
         run_migrations(fresh)
         fresh.commit()

@@ -8,8 +8,8 @@ import pytest
 from celery.exceptions import Retry
 
 from app.db.base import utcnow
-from app.tasks.jobs import TaskFailed, celery_state, execute
-from app.tasks.runner import Ended, Outcome
+from app.worker.jobs import TaskFailed, celery_state, execute
+from app.worker.runner import Ended, Outcome
 
 
 @pytest.mark.parametrize("outcome", [Outcome.SUCCEEDED, Outcome.STALE, Outcome.LOST])

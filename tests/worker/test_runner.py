@@ -16,8 +16,8 @@ from app.db.base import utcnow
 from app.tasks import service
 from app.tasks.models import Task
 from app.tasks.registry import RetryPolicy, TaskContext
-from app.tasks.runner import Outcome, execute
 from app.tasks.schemas import TaskCreate
+from app.worker.runner import Outcome, execute
 
 pytestmark = pytest.mark.usefixtures("embedded_env")
 
@@ -25,7 +25,9 @@ pytestmark = pytest.mark.usefixtures("embedded_env")
 def submit(type_: str, payload: dict[str, Any]) -> uuid.UUID:
     data = TaskCreate.model_validate({"type": type_, "payload": payload})
     with session_scope() as session:
-        task, _ = service.submit(session=session, data=data, owner="", idempotency_key=None)
+        task, _ = service.submit(
+            session=session, data=data, owner="", idempotency_key=None, extra_queues=[]
+        )
         return task.id
 
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from kombu.asynchronous.timer import Timer
 
-from app.core.worker_hooks import ConsumerHeartbeat, TimerSweep, sweep_cancelled
+from app.worker.hooks import ConsumerHeartbeat, TimerSweep, sweep_cancelled
 
 
 def heartbeat(tmp_path: Path, consumer: object) -> ConsumerHeartbeat:
@@ -90,7 +90,7 @@ def test_sweep_works_under_an_iterator_that_started_before_it() -> None:
 
 
 def test_the_sweep_is_a_step_of_event_loop_workers_only() -> None:
-    from app.worker import celery_app
+    from app.worker.celery import celery_app
 
     assert TimerSweep in celery_app.steps["worker"]
     step = TimerSweep.__new__(TimerSweep)

@@ -21,12 +21,11 @@ from celery import shared_task
 from celery.exceptions import Reject, Retry
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app.core.celery import JOB_NAME
-from app.core.config import get_settings
+from app.core.celery import JOB_NAME, app_settings
 from app.core.logging import log_context
 from app.db.base import utcnow
-from app.tasks import runner
-from app.tasks.runner import Ended, Outcome
+from app.worker import runner
+from app.worker.runner import Ended, Outcome
 
 logger = logging.getLogger(__name__)
 REQUEUE_PAUSE = 2.0
@@ -53,7 +52,7 @@ def execute(self: Any, task_id: str, attempt: int) -> str:
             task_id=uuid.UUID(task_id),
             attempt=int(attempt),
             worker=str(self.request.hostname or "worker"),
-            settings=get_settings(),
+            settings=app_settings(self.app),
         )
     except (OperationalError, InterfaceError) as exc:
         # The database is away. Acking would leave the record waiting for the lost-message

@@ -27,8 +27,9 @@ from app.core.config import Settings
 from app.core.db import statement_scope
 from app.core.logging import log_context
 from app.db.base import utcnow
-from app.tasks import lifecycle
+from app.tasks import lifecycle, recovery
 from app.tasks.registry import TaskContext, TaskType, UnknownTaskType, get_task_type
+from app.tasks.states import TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,9 @@ def execute(*, task_id: uuid.UUID, attempt: int, worker: str, settings: Settings
 
 def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
     lost_runs = claim.delivery - 1  # this claim's delivery is the first not yet lost
-    if lifecycle.lost_too_often(lost_runs, max_deliveries=settings.task_max_deliveries):
+    if recovery.lost_too_often(lost_runs, max_deliveries=settings.task_max_deliveries):
         # Every earlier delivery of this attempt died with its worker: a poison task.
-        reason = lifecycle.worker_lost(lost_runs)
+        reason = recovery.worker_lost(lost_runs)
         _write_outcome(
             lambda session: lifecycle.give_up(session=session, claim=claim, reason=reason),
             patience=settings.task_lease_seconds,
@@ -295,7 +296,7 @@ def _record_failure(
         return _ENDED[Outcome.LOST]
     logger.warning(
         "task failed",
-        extra={"error_type": error["type"], "will_retry": status.value == "RETRYING"},
+        extra={"error_type": error["type"], "will_retry": status is TaskStatus.RETRYING},
     )
-    outcome = Outcome.RETRYING if status.value == "RETRYING" else Outcome.FAILED
+    outcome = Outcome.RETRYING if status is TaskStatus.RETRYING else Outcome.FAILED
     return Ended(outcome, error=error, cause=exc, retry_in=retry_in)
