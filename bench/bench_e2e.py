@@ -460,6 +460,11 @@ def broker_suite(
                     run["taskdock"]["fell_behind"] for run in latency["rounds"]
                 )
                 result["latency"] = latency
+                # Issue 13's point: a steady 100/s, whatever the machine's drain rate.
+                ui.log(f"[bold]metric 3: dispatch latency at 100/s ({name})[/bold]")
+                result["latency_100"] = latency_point(
+                    stack, options, 100.0, f"dispatch latency at 100/s ({name})"
+                )
             # The specified rate overloads taskdock whenever its throughput is below half the
             # raw drain rate; a second point, at half taskdock's own peak, shows its latency
             # without a growing backlog.
