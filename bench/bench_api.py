@@ -106,14 +106,14 @@ def sweep(bench: Bench, api: str, hello: str, task_id: str, options: Options) ->
     return out
 
 
-def hello_server(bench: Bench, env: dict[str, str], name: str = "hello") -> tuple[Proc, str]:
-    """The hello-world app (poll's baseline), served with the API's uvicorn settings."""
+def serve(bench: Bench, env: dict[str, str], *, name: str, app: str) -> tuple[Proc, str]:
+    """A bare ASGI app (a baseline or a prototype), served with the API's uvicorn settings."""
     port = free_port()
     args = [
         sys.executable,
         "-m",
         "uvicorn",
-        "bench.hello_app:app",
+        app,
         "--port",
         str(port),
         "--loop",
@@ -124,32 +124,14 @@ def hello_server(bench: Bench, env: dict[str, str], name: str = "hello") -> tupl
         "--log-level",
         "warning",
     ]
-    proc = bench.spawn(name, args, env)
-    base = f"http://127.0.0.1:{port}"
+    return bench.spawn(name, args, env), f"http://127.0.0.1:{port}"
+
+
+def hello_server(bench: Bench, env: dict[str, str], name: str = "hello") -> tuple[Proc, str]:
+    """The hello-world app (poll's baseline)."""
+    proc, base = serve(bench, env, name=name, app="bench.hello_app:app")
     wait_for(lambda: http_status(f"{base}/hello") == 200, timeout=30, what="hello app")
     return proc, base
-
-
-def floor_server(bench: Bench, env: dict[str, str]) -> str:
-    """bench/poll_floor_app.py: poll's minimal prototype, served like the hello-world app."""
-    port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bench.poll_floor_app:app",
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
-    bench.spawn("poll-floor", args, env)
-    return f"http://127.0.0.1:{port}"
 
 
 def run(options: Options) -> dict[str, Any]:
@@ -160,7 +142,8 @@ def run(options: Options) -> dict[str, Any]:
         _, hello = hello_server(bench, env)
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
         task = httpx.post(f"{api}/api/v1/tasks", json=SUBMIT_BODY, headers=AUTH).json()
-        floor = floor_server(bench, env)
+        # Poll's minimal prototype (bench/poll_floor_app.py), measured in the same rounds.
+        _, floor = serve(bench, env, name="poll-floor", app="bench.poll_floor_app:app")
         floor_url = f"{floor}/tasks/{task['id']}"
         wait_for(lambda: http_status(floor_url) == 200, timeout=30, what="poll floor app")
 
