@@ -161,7 +161,7 @@ class Statements:
             async with driver.cursor(row_factory=dict_row) as cursor:
                 await cursor.execute(compiled.sql, values, prepare=True)
                 row: dict[str, Any] | None = await cursor.fetchone()
-            self._observe("select", started)
+            self._observe(compiled, started)
         if row is not None:
             for key, value in row.items():
                 if isinstance(value, datetime) and value.tzinfo is not None:
@@ -176,7 +176,7 @@ class Statements:
             started = time.perf_counter()
             async with driver.transaction(), driver.cursor() as cursor:
                 await cursor.executemany(compiled.sql, values)
-            self._observe("insert", started)
+            self._observe(compiled, started)
 
     @contextlib.asynccontextmanager
     async def _driver(self) -> AsyncIterator[Any]:
@@ -190,8 +190,8 @@ class Statements:
                 await connection.invalidate()
                 raise
 
-    def _observe(self, kind: str, started: float) -> None:
-        metrics.DB_QUERY_SECONDS.labels(kind).observe(time.perf_counter() - started)
+    def _observe(self, compiled: CompiledStatement, started: float) -> None:
+        metrics.DB_QUERY_SECONDS.labels(compiled.kind).observe(time.perf_counter() - started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,10 +255,7 @@ def _compile(statement: Any, dialect: Dialect, keys: tuple[str, ...]) -> Compile
             own[name] = bind.effective_value
         elif isinstance(bind.type, sqltypes.JSON):
             json_names.add(name)
-    kind = sql.lstrip().split(None, 1)[0].lower()
-    return CompiledStatement(
-        sql=sql, kind=kind if kind in _KINDS else "other", own=own, json=frozenset(json_names)
-    )
+    return CompiledStatement(sql=sql, kind=statement_kind(sql), own=own, json=frozenset(json_names))
 
 
 def _postgres_options(settings: Settings, *, role: str) -> dict[str, Any]:
@@ -326,8 +323,7 @@ def _instrument(engine: Engine) -> None:
     @event.listens_for(engine, "after_cursor_execute")
     def _after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         started = conn.info["query_started"].pop()
-        kind = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else "other"
-        metrics.DB_QUERY_SECONDS.labels(kind if kind in _KINDS else "other").observe(
+        metrics.DB_QUERY_SECONDS.labels(statement_kind(statement)).observe(
             time.perf_counter() - started
         )
 
@@ -348,6 +344,13 @@ def _instrument(engine: Engine) -> None:
 
 
 _KINDS = {"select", "insert", "update", "delete", "begin", "commit", "rollback", "with", "pragma"}
+
+
+def statement_kind(sql: str) -> str:
+    """The label of a statement's duration metric: its first word, or "other"."""
+    words = sql.split(None, 1)
+    kind = words[0].lower() if words else "other"
+    return kind if kind in _KINDS else "other"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from app.core.config import Settings
 from app.core.db import get_engine
 from app.tasks.publication import publish_outbox
-from app.tasks.recovery import Recovery
+from app.tasks.recovery import Recovery, Swept
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TickReport:
     published: int = 0
-    requeued: int = 0
-    failed: int = 0
-    republished: int = 0
+    swept: Swept | None = None  # when this tick ran the recovery sweeps
     errors: list[str] = field(default_factory=list)
 
 
@@ -55,10 +53,8 @@ class Dispatcher:
         # The reaper and the lost-message sweep need not run every tick.
         if now - self._last_sweep >= self.settings.reaper_interval:
             self._last_sweep = now
-            swept = self.recovery.sweep()
-            report.requeued, report.failed = swept.requeued, swept.failed
-            report.republished = swept.republished
-            report.errors.extend(swept.errors)
+            report.swept = self.recovery.sweep()
+            report.errors.extend(report.swept.errors)
         self._publish_due(report)
         return report
 
