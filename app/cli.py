@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from app import remote
 from app.core.config import ConfigError, get_settings
 
 cli = typer.Typer(
@@ -314,6 +315,8 @@ def status(
 def _age(delta: timedelta) -> str:
     return str(timedelta(seconds=max(0, int(delta.total_seconds()))))
 
+
+cli.add_typer(remote.tasks, name="tasks")
 
 keys = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 cli.add_typer(keys, name="keys")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +207,58 @@ def test_the_async_client(live: Live) -> None:
                 await client.get(uuid.uuid4())
 
     anyio.run(scenario)
+
+
+def test_the_tasks_commands_speak_to_a_remote_api(live: Live) -> None:
+    env = {**live.env, "TASKDOCK_URL": live.base, "TASKDOCK_API_KEY": live.new_key()}
+
+    submitted = taskdock(
+        "tasks",
+        "submit",
+        "process_data",
+        "--payload",
+        '{"user_id": 3, "data": "cli"}',
+        "--wait",
+        "--json",
+        env=env,
+    )
+
+    assert submitted.returncode == 0, submitted.stderr
+    task = json.loads(submitted.stdout)
+    assert task["status"] == "SUCCEEDED"
+    assert f"{task['id']}: SUCCEEDED" in submitted.stderr  # the progress, on stderr
+
+    shown = taskdock("tasks", "show", task["id"], env=env)
+    assert shown.returncode == 0
+    assert shown.stdout.startswith(f"{task['id']}  process_data  SUCCEEDED")
+
+    bad = taskdock(
+        "tasks", "submit", "process_data", "--payload", '{"user_id": "x", "data": 1}', env=env
+    )
+    assert bad.returncode == 1
+    assert "payload.user_id" in bad.stderr, bad.stderr
+
+    later = json.loads(
+        taskdock(
+            "tasks",
+            "submit",
+            "process_data",
+            "--payload",
+            '{"user_id": 3, "data": "z"}',
+            "--countdown",
+            "600",
+            "--json",
+            env=env,
+        ).stdout
+    )
+    cancelled = taskdock("tasks", "cancel", later["id"], "--json", env=env)
+    assert json.loads(cancelled.stdout)["status"] == "CANCELLED"
+    listed = taskdock("tasks", "list", "--json", env=env)
+    assert [item["id"] for item in json.loads(listed.stdout)] == [later["id"], task["id"]]
+
+    missing = taskdock("tasks", "show", str(uuid.uuid4()), env=env)
+    assert missing.returncode == 1
+    assert "task_not_found" in missing.stderr
+    away = taskdock("tasks", "list", env={**env, "TASKDOCK_URL": "http://127.0.0.1:9"})
+    assert away.returncode == 1
+    assert "cannot reach http://127.0.0.1:9" in away.stderr

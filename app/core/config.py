@@ -313,6 +313,9 @@ OTHER_VARIABLES = frozenset(
         "HTTP_BIND",
         "HTTP_PORT",
         "CA_BUNDLE",
+        # `taskdock tasks …` (app/remote.py): where the API is, and the key to use.
+        "URL",
+        "API_KEY",
     }
 )
 
