@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -21,58 +22,28 @@ from app.client import (
     Unauthorized,
 )
 from tests.support import services
-from tests.support.stack import Stack, base_env, running_stack, taskdock
+from tests.support.stack import LiveSystem, live_system, taskdock
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
 QUICK = {"user_id": 1, "data": "x"}
 
 
-class Live:
-    def __init__(self, stack: Stack, base: str, env: dict[str, str]) -> None:
-        self.stack, self.base, self.env = stack, base, env
-
-    def new_key(self) -> str:
-        """A key of a new owner: its tasks are the only ones its client sees."""
-        created = taskdock(
-            "keys",
-            "create",
-            "--name",
-            f"c-{uuid.uuid4().hex[:8]}",
-            "--scopes",
-            "submit,read",
-            env=self.env,
-        )
-        assert created.returncode == 0, created.stderr
-        return created.stdout.strip().splitlines()[-1]
-
-    def client(self, **options: object) -> Client:
-        return Client(self.base, api_key=self.new_key(), **options)  # type: ignore[arg-type]
+def client_of(live: LiveSystem, **options: Any) -> Client:
+    """A client of a new owner: the tasks it sees are its own."""
+    return Client(live.base, api_key=live.new_key(), **options)
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    services.require_postgres()
-    services.require_redis()
-    tmp = tmp_path_factory.mktemp("client")
-    with services.scratch_database() as url:
-        env = base_env(
-            tmp / "data",
-            TASKDOCK_DATABASE_URL=url,
-            TASKDOCK_BROKER_URL=services.REDIS_URL,
-            TASKDOCK_AUTH_ENABLED="true",
-            TASKDOCK_API_KEY_CACHE_SECONDS="0",
-        )
-        assert taskdock("migrate", env=env).returncode == 0
-        with running_stack(env, tmp / "logs") as stack:
-            stack.worker(concurrency=2)
-            stack.dispatcher()
-            _, base = stack.api()
-            yield Live(stack, base, env)
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSystem]:
+    with live_system(
+        tmp_path_factory.mktemp("client"), TASKDOCK_API_KEY_CACHE_SECONDS="0"
+    ) as system:
+        yield system
 
 
-def test_submit_and_wait_until_the_task_is_final(live: Live) -> None:
-    with live.client() as client:
+def test_submit_and_wait_until_the_task_is_final(live: LiveSystem) -> None:
+    with client_of(live) as client:
         task = client.submit("process_data", QUICK)
         assert task.status == "QUEUED"
 
@@ -84,14 +55,14 @@ def test_submit_and_wait_until_the_task_is_final(live: Live) -> None:
         assert client.get(task.id).status == "SUCCEEDED"
 
 
-def test_wait_returns_the_current_record_when_its_time_is_up(live: Live) -> None:
-    with live.client() as client:
+def test_wait_returns_the_current_record_when_its_time_is_up(live: LiveSystem) -> None:
+    with client_of(live) as client:
         task = client.submit("process_data", QUICK, countdown=600)
         assert client.wait(task.id, timeout=1.5).status == "QUEUED"
 
 
-def test_errors_carry_the_apis_error_body(live: Live) -> None:
-    with live.client() as client:
+def test_errors_carry_the_apis_error_body(live: LiveSystem) -> None:
+    with client_of(live) as client:
         with pytest.raises(NotFound) as missing:
             client.get(uuid.uuid4())
         assert missing.value.code == "task_not_found"
@@ -110,7 +81,7 @@ def test_errors_carry_the_apis_error_body(live: Live) -> None:
         stranger.get(uuid.uuid4())
 
 
-def test_a_submission_whose_answer_was_lost_is_retried_into_the_same_task(live: Live) -> None:
+def test_a_submission_whose_answer_was_lost_is_retried_into_the_same_task(live: LiveSystem) -> None:
     class DropFirstAnswer(httpx.BaseTransport):
         """The real transport; the first submission reaches the server, its answer never returns."""
 
@@ -127,7 +98,7 @@ def test_a_submission_whose_answer_was_lost_is_retried_into_the_same_task(live: 
             return response
 
     transport = DropFirstAnswer()
-    with live.client(transport=transport, backoff=0.05) as client:
+    with client_of(live, transport=transport, backoff=0.05) as client:
         task = client.submit("process_data", QUICK)
         listed = list(client.list())
 
@@ -135,8 +106,8 @@ def test_a_submission_whose_answer_was_lost_is_retried_into_the_same_task(live: 
     assert [item.id for item in listed] == [task.id]
 
 
-def test_list_iterates_over_every_page(live: Live) -> None:
-    with live.client() as client:
+def test_list_iterates_over_every_page(live: LiveSystem) -> None:
+    with client_of(live) as client:
         submitted = {client.submit("process_data", QUICK, countdown=600).id for _ in range(7)}
 
         listed = [task.id for task in client.list(status="QUEUED", page_size=3)]
@@ -146,8 +117,8 @@ def test_list_iterates_over_every_page(live: Live) -> None:
         assert list(client.list(type="sleep")) == []
 
 
-def test_cancel_and_retry(live: Live) -> None:
-    with live.client() as client:
+def test_cancel_and_retry(live: LiveSystem) -> None:
+    with client_of(live) as client:
         task = client.submit("process_data", QUICK, countdown=600)
 
         assert client.cancel(task.id).status == "CANCELLED"
@@ -162,7 +133,7 @@ def test_cancel_and_retry(live: Live) -> None:
         assert "process_data" in {kind.name for kind in client.task_types()}
 
 
-def test_429_is_retried_after_the_servers_retry_after(live: Live, tmp_path: Path) -> None:
+def test_429_is_retried_after_the_servers_retry_after(live: LiveSystem, tmp_path: Path) -> None:
     env = {**live.env, "TASKDOCK_RATE_LIMIT_SUBMIT": "2/second"}
     port = services.free_port()
     api = live.stack.taskdock("api-limited", "api", "--port", str(port), env=env)
@@ -191,7 +162,7 @@ def _up(base: str) -> bool:
         return False
 
 
-def test_the_async_client(live: Live) -> None:
+def test_the_async_client(live: LiveSystem) -> None:
     key = live.new_key()
 
     async def scenario() -> None:
@@ -209,7 +180,7 @@ def test_the_async_client(live: Live) -> None:
     anyio.run(scenario)
 
 
-def test_the_tasks_commands_speak_to_a_remote_api(live: Live) -> None:
+def test_the_tasks_commands_speak_to_a_remote_api(live: LiveSystem) -> None:
     env = {**live.env, "TASKDOCK_URL": live.base, "TASKDOCK_API_KEY": live.new_key()}
 
     submitted = taskdock(

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import services
-from tests.support.stack import ROOT, base_env, running_stack, taskdock
+from tests.support.stack import ROOT, live_system
 
 DOCS = ROOT / "docs"
 _BLOCK = re.compile(r"^```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -45,43 +44,24 @@ def test_the_runner_finds_the_feature_pages() -> None:
 @pytest.mark.redis
 @pytest.mark.parametrize("page", PAGES)
 def test_the_pages_curl_examples_run(page: str, tmp_path: Path) -> None:
-    services.require_postgres()
-    services.require_redis()
     script = "\n".join(["set -euo pipefail", *examples(DOCS / page)])
-    with services.scratch_database() as url:
-        env = base_env(
-            tmp_path / "data",
-            TASKDOCK_DATABASE_URL=url,
-            TASKDOCK_BROKER_URL=services.REDIS_URL,
-            TASKDOCK_AUTH_ENABLED="true",
-            TASKDOCK_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
+    with live_system(tmp_path, TASKDOCK_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8") as live:
+        run = subprocess.run(
+            ["bash", "-c", script],
+            env={
+                **live.env,
+                "TASKDOCK_URL": live.base,
+                "TASKDOCK_API_KEY": live.new_key("submit,read,admin"),
+                # `taskdock` and `python` as installed beside this interpreter.
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{live.env.get('PATH', '')}",
+            },
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
         )
-        assert taskdock("migrate", env=env).returncode == 0
-        created = taskdock(
-            "keys", "create", "--name", "docs", "--scopes", "submit,read,admin", env=env
+        assert run.returncode == 0, (
+            f"{page}: rc={run.returncode}\n--- stdout\n{run.stdout[-3000:]}\n"
+            f"--- stderr\n{run.stderr[-3000:]}\n{live.stack.dump_logs()}"
         )
-        assert created.returncode == 0, created.stderr
-        key = created.stdout.strip().splitlines()[-1]
-        with running_stack(env, tmp_path / "logs") as stack:
-            stack.worker(concurrency=2)
-            stack.dispatcher()
-            _, base = stack.api()
-            run = subprocess.run(
-                ["bash", "-c", script],
-                env={
-                    **env,
-                    "TASKDOCK_URL": base,
-                    "TASKDOCK_API_KEY": key,
-                    # `taskdock` and `python` as installed beside this interpreter.
-                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-                },
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=240,
-                check=False,
-            )
-            assert run.returncode == 0, (
-                f"{page}: rc={run.returncode}\n--- stdout\n{run.stdout[-3000:]}\n"
-                f"--- stderr\n{run.stderr[-3000:]}\n{stack.dump_logs()}"
-            )

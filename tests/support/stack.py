@@ -229,3 +229,53 @@ def taskdock(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
         timeout=120,
         check=False,
     )
+
+
+def create_key(env: dict[str, str], *, scopes: str = "submit,read", name: str = "") -> str:
+    """A new API key, made as an operator makes one (`taskdock keys create`); a new owner."""
+    created = taskdock(
+        "keys",
+        "create",
+        "--name",
+        name or f"key-{os.urandom(4).hex()}",
+        "--scopes",
+        scopes,
+        env=env,
+    )
+    assert created.returncode == 0, created.stderr
+    return created.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class LiveSystem:
+    """A whole system as users meet it: its API's base URL, its processes and environment."""
+
+    stack: Stack
+    base: str
+    env: dict[str, str]
+
+    def new_key(self, scopes: str = "submit,read") -> str:
+        return create_key(self.env, scopes=scopes)
+
+
+@contextmanager
+def live_system(root: Path, **settings: str) -> Iterator[LiveSystem]:
+    """PostgreSQL (a scratch database), Redis, a worker, a dispatcher and an API with auth on."""
+    from tests.support import services
+
+    services.require_postgres()
+    services.require_redis()
+    with services.scratch_database() as url:
+        env = base_env(
+            root / "data",
+            TASKDOCK_DATABASE_URL=url,
+            TASKDOCK_BROKER_URL=services.REDIS_URL,
+            TASKDOCK_AUTH_ENABLED="true",
+            **settings,
+        )
+        assert taskdock("migrate", env=env).returncode == 0
+        with running_stack(env, root / "logs") as stack:
+            stack.worker(concurrency=2)
+            stack.dispatcher()
+            _, base = stack.api()
+            yield LiveSystem(stack, base, env)
