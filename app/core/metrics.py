@@ -118,9 +118,3 @@ DB_POOL_SIZE = Gauge(
     "Configured pool size, summed over live processes.",
     multiprocess_mode="livesum",
 )
-
-WEBHOOK_DELIVERIES = Counter(
-    "taskdock_webhook_deliveries_total",
-    "Webhook POSTs by outcome: delivered, retrying (to be tried again), failed (window over).",
-    ["outcome"],
-)

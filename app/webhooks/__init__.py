@@ -21,6 +21,6 @@
 - **Secrets** (`signing`): derived per API key from TASKDOCK_WEBHOOK_SECRET, so nothing is
   stored; shown once by `taskdock keys create`, again by `taskdock keys webhook-secret`.
 - **Reading** (`router`, `service.list_deliveries`): GET /api/v1/tasks/{id}/deliveries,
-  scoped to the key's owner like every task route; the metric
-  taskdock_webhook_deliveries_total counts attempts by outcome.
+  scoped to the key's owner like every task route; the API's /metrics reports
+  taskdock_webhook_deliveries{status} from the record (`metrics`).
 """

@@ -30,7 +30,6 @@ import httpx
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.core import metrics
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.db.base import utcnow
@@ -343,7 +342,6 @@ class WebhookSender:
                 window=self.settings.webhook_retry_window_seconds,
             )
         label = "retrying" if status is DeliveryStatus.PENDING else status.value
-        metrics.WEBHOOK_DELIVERIES.labels(label).inc()
         logger.info(
             "webhook attempt",
             extra={

@@ -113,6 +113,8 @@ def test_a_receiver_that_fails_three_times_gets_the_fourth_signed(stack: Stack) 
     # Another key does not see the task's deliveries.
     other = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {other_key}"})
     assert other.get(f"/api/v1/tasks/{task_id}/deliveries").status_code == 404
+    scraped = client.get("/metrics").text
+    assert 'taskdock_webhook_deliveries{status="delivered"} 1.0' in scraped
 
 
 def test_a_receiver_down_for_the_whole_window_is_marked_failed(stack: Stack) -> None:
@@ -137,6 +139,9 @@ def test_a_receiver_down_for_the_whole_window_is_marked_failed(stack: Stack) -> 
     assert len(delivery["last_error"].encode()) <= 300
     assert delivery["next_attempt_at"] is None
     assert delivery["delivered_at"] is None
+    scraped = client.get("/metrics").text
+    assert 'taskdock_webhook_deliveries{status="failed"} 1.0' in scraped
+    assert 'taskdock_webhook_deliveries{status="pending"} 0.0' in scraped
 
 
 def test_the_api_killed_after_the_task_finished_does_not_lose_the_webhook(
