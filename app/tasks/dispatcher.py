@@ -59,7 +59,6 @@ class Dispatcher:
             report.swept = self.recovery.sweep()
             report.errors.extend(report.swept.errors)
         self._publish_due(report)
-        self.webhooks.poke()
         return report
 
     def _publish_due(self, report: TickReport) -> None:
@@ -85,6 +84,7 @@ class Dispatcher:
 
     def run_forever(self, *, heartbeat_file: Path | None = None) -> None:
         logger.info("dispatcher started", extra={"interval": self.settings.dispatcher_interval})
+        self.webhooks.start()
         while not self._stop.is_set():
             report = self.tick()
             if heartbeat_file is not None and not report.errors:

@@ -5,12 +5,12 @@
   loop): http or https, resolving only to public addresses unless
   TASKDOCK_WEBHOOK_ALLOWED_NETWORKS lists the network (`guard`); else 422 naming `notify_url`.
   It is stored on the task (`task.notify_url`); nothing else changes on the submit path.
-- **The delivery outbox.** The dispatcher's webhook thread (`delivery.WebhookSender`, started
-  by `Dispatcher.tick`) finds final tasks with a notify_url and no delivery yet (`notified_at`
-  null; the partial index ix_task_notify) and makes a `webhook_delivery` row (`models`) with the
-  body fixed then. The worker's claim and finish are untouched: ending a task writes nothing
-  more. A task retried through the API gets `notified_at` cleared, so its next end owes a new
-  delivery (one per task attempt).
+- **The delivery outbox.** The dispatcher's webhook thread (`delivery.WebhookSender`,
+  started by `Dispatcher.run_forever`) finds final tasks with a notify_url and no delivery
+  yet (`notified_at` null; the partial index ix_task_notify) and makes a `webhook_delivery`
+  row (`models`) with the body fixed then. The worker's claim and finish are untouched:
+  ending a task writes nothing more. A task retried through the API gets `notified_at`
+  cleared, so its next end owes a new delivery (one per task attempt).
 - **Sending** (`delivery`): due deliveries are claimed (FOR UPDATE SKIP LOCKED on PostgreSQL,
   and leased ahead before the POST), the address is resolved and checked again and the POST
   pinned to it (no DNS rebinding), with short timeouts and no redirects, and signed per the

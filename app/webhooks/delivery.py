@@ -269,7 +269,7 @@ def _clip(text: str | None) -> str | None:
 
 class WebhookSender:
     """Runs the rounds above in a thread of its own, so a slow receiver never holds up the
-    dispatcher's outbox; `poke` starts it (on the first call) and wakes it."""
+    dispatcher's outbox."""
 
     def __init__(
         self, *, settings: Settings, lock: bool, stop: threading.Event, batch: int = 50
@@ -278,7 +278,6 @@ class WebhookSender:
         self.lock = lock
         self.stop = stop
         self.batch = batch
-        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook")
         timeout = settings.webhook_timeout_seconds
@@ -289,11 +288,12 @@ class WebhookSender:
             trust_env=False,
         )
 
-    def poke(self) -> None:
+    def start(self) -> None:
+        """Run rounds in a daemon thread until `stop` is set; a POST cut short by the
+        process's exit is tried again once its lease runs out."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
             self._thread.start()
-        self._wake.set()
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -303,8 +303,7 @@ class WebhookSender:
                 logger.warning("webhook round failed", exc_info=True)
                 busy = 0
             if busy < self.batch:
-                self._wake.wait(self.settings.dispatcher_interval)
-                self._wake.clear()
+                self.stop.wait(self.settings.dispatcher_interval)
         self.client.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
