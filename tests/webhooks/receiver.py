@@ -24,6 +24,7 @@ class Receiver:
 
     statuses: list[int]
     body: bytes = b"ok"
+    delay: float = 0.0  # seconds before each answer
     received: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
@@ -44,8 +45,10 @@ class Receiver:
 
 
 @contextmanager
-def receiving(statuses: list[int], *, body: bytes = b"ok") -> Iterator[Receiver]:
-    receiver = Receiver(statuses=statuses, body=body)
+def receiving(
+    statuses: list[int], *, body: bytes = b"ok", delay: float = 0.0
+) -> Iterator[Receiver]:
+    receiver = Receiver(statuses=statuses, body=body, delay=delay)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -61,6 +64,7 @@ def receiving(statuses: list[int], *, body: bytes = b"ok") -> Iterator[Receiver]
                     )
                 )
             status = receiver.answer()
+            time.sleep(receiver.delay)
             self.send_response(status)
             self.send_header("content-length", str(len(receiver.body)))
             self.end_headers()

@@ -4,6 +4,7 @@ once the window is over, and sent even when the API is gone."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -207,3 +208,40 @@ def submit_unchecked(stack: Stack, url: str) -> str:
             extra_queues=[],
         )
         return str(task.id)
+
+
+@pytest.mark.parametrize("backend", ["postgres-redis"], indirect=True)
+def test_two_dispatchers_send_each_end_of_a_task_once(stack: Stack) -> None:
+    stack.env.update(LOOPBACK)
+    stack.worker(concurrency=2)
+    stack.dispatcher("d1")
+    stack.dispatcher("d2")
+    _, base = stack.api()
+    client = httpx.Client(base_url=base, timeout=10)
+    with receiving([200], delay=0.3) as receiver:
+        ids = [
+            client.post("/api/v1/tasks", json={**PROCESS, "notify_url": receiver.url}).json()["id"]
+            for _ in range(10)
+        ]
+        # A task cancelled, then retried: each end owes its own delivery.
+        held = {"type": "sleep", "payload": {"seconds": 0}, "countdown": 300}
+        again = client.post("/api/v1/tasks", json={**held, "notify_url": receiver.url}).json()
+        assert client.post(f"/api/v1/tasks/{again['id']}/cancel").status_code == 200
+        wait_delivery(client, again["id"], "delivered")
+        assert client.post(f"/api/v1/tasks/{again['id']}/retry").status_code == 202
+        wait_status(client, again["id"], {"SUCCEEDED"})
+
+        got = receiver.wait_for(12, timeout=60)
+        for task_id in ids:
+            wait_delivery(client, task_id, "delivered")
+        time.sleep(2)
+        got = list(receiver.received)
+
+    assert len(got) == 12
+    assert len({r.headers["webhook-id"] for r in got}) == 12
+    events = [json.loads(r.body) for r in got]
+    assert sorted(e["data"]["id"] for e in events if e["data"]["id"] in ids) == sorted(ids)
+    ends = [(e["type"], e["data"]["attempt"]) for e in events if e["data"]["id"] == again["id"]]
+    assert ends == [("task.cancelled", 1), ("task.succeeded", 2)]
+    listed = deliveries(client, again["id"])
+    assert [(d["attempt"], d["status"]) for d in listed] == [(1, "delivered"), (2, "delivered")]
