@@ -165,6 +165,18 @@ def post(
         secret = signing.secret_for(owner=claimed.owner, settings=settings)
     except (guard.UnsafeUrl, signing.WebhooksOff) as exc:
         return Outcome(delivered=False, error=f"refused: {exc}")
+    return send_to(client, target, claimed, secret=secret, now=now)
+
+
+def send_to(
+    client: httpx.Client,
+    target: guard.Target,
+    claimed: Claimed,
+    *,
+    secret: str,
+    now: datetime | None = None,
+) -> Outcome:
+    """POST a delivery, signed with `secret`, to the checked `target` and no other address."""
     body = json.dumps(claimed.payload, separators=(",", ":"), ensure_ascii=False)
     msg_id = message_id(claimed.id)
     stamp = (now or datetime.now(UTC)).replace(microsecond=0)
