@@ -329,9 +329,10 @@ def keys_create(
         str, typer.Option(help="Comma-separated: submit, read, admin.")
     ] = "submit,read",
 ) -> None:
-    """Create a key and print it once; only its hash is stored."""
+    """Create a key and print it once (and its webhook secret); only its hash is stored."""
     from app.auth import service as keys_service
     from app.core.db import session_scope
+    from app.webhooks import signing
 
     _setup("cli")
     try:
@@ -345,8 +346,45 @@ def keys_create(
     with session_scope() as session:
         key, plain = keys_service.create(session=session, name=name, scopes=chosen)
         typer.echo(f"created key {key.id} ({key.prefix}) for {name!r} with {', '.join(key.scopes)}")
+    settings = get_settings()
+    if signing.enabled(settings):
+        # Before the key, which stays the last line (scripts take it so).
+        typer.echo("its webhook secret (`taskdock keys webhook-secret` shows it again):", err=True)
+        typer.echo(signing.secret_for(owner=str(key.id), settings=settings))
     typer.echo("store it now; it is not shown again:", err=True)
     typer.echo(plain)
+
+
+@keys.command("webhook-secret")
+def keys_webhook_secret(
+    key: Annotated[
+        str | None, typer.Argument(help="The key's id or prefix; omit with --anonymous.")
+    ] = None,
+    anonymous: Annotated[
+        bool, typer.Option(help="The secret of anonymous submissions (auth off).")
+    ] = False,
+) -> None:
+    """Print the `whsec_…` secret that signs the webhooks of a key's tasks."""
+    from app.auth import service as keys_service
+    from app.core.db import session_scope
+    from app.core.errors import AppError
+    from app.webhooks import signing
+
+    _setup("cli")
+    settings = get_settings()
+    try:
+        if anonymous:
+            typer.echo(signing.secret_for(owner="", settings=settings))
+            return
+        if key is None:
+            typer.echo("give a key's id or prefix, or --anonymous", err=True)
+            raise typer.Exit(2)
+        with session_scope() as session:
+            found = keys_service.find(session=session, key=key)
+            typer.echo(signing.secret_for(owner=str(found.id), settings=settings))
+    except AppError as exc:
+        typer.echo(exc.message, err=True)
+        raise typer.Exit(1) from None
 
 
 @keys.command("list")

@@ -28,6 +28,7 @@ from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
 from app.tasks.publication import Publisher, Submitter
 from app.tasks.registry import load_task_modules
+from app.webhooks.metrics import DeliveryCollector
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_cache = KeyCache(seconds=settings.api_key_cache_seconds)
     app.state.state_registry = CollectorRegistry(auto_describe=False)
     app.state.state_registry.register(StateCollector(celery_app, settings=settings))
+    app.state.state_registry.register(DeliveryCollector())
     metrics.PROCESSES.labels("api").set(1)
     install_error_handlers(app)
     # Outermost first. They run inside the request middleware (metrics, request id) and

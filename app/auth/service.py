@@ -90,15 +90,21 @@ def list_keys(*, session: Session) -> list[ApiKey]:
 
 def revoke(*, session: Session, key: str) -> ApiKey:
     """Revoke by id or by prefix; each API process refuses it within its `KeyCache`'s time."""
+    found = find(session=session, key=key)
+    if found.revoked_at is None:
+        found.revoked_at = utcnow()
+        session.flush()
+    return found
+
+
+def find(*, session: Session, key: str) -> ApiKey:
+    """A key by id or by prefix; ApiKeyNotFound otherwise."""
     query = select(ApiKey).where(ApiKey.prefix == key)
     found = session.scalars(query).one_or_none()
     if found is None:
         found = next((k for k in list_keys(session=session) if str(k.id) == key), None)
     if found is None:
         raise ApiKeyNotFound(key=key)
-    if found.revoked_at is None:
-        found.revoked_at = utcnow()
-        session.flush()
     return found
 
 

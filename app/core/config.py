@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
@@ -175,6 +178,22 @@ class Settings(BaseSettings):
     max_unfinished_tasks: Annotated[int, Field(ge=0)] = 1000
     """Unfinished tasks one API key may have at once; more get 429 (`0`: no quota)."""
 
+    webhook_secret: SecretStr | None = None
+    """The server secret each API key's webhook signing secret is derived from (HMAC-SHA256 of
+    the key's id), so none is stored. Unset: a fixed development secret outside production, and
+    in production submissions with a `notify_url` are refused. Changing it rotates every key's."""
+    webhook_anonymous_secret: SecretStr | None = None
+    """`whsec_…` signing the webhooks of anonymous submissions (auth off, `taskdock dev`); unset:
+    derived from TASKDOCK_WEBHOOK_SECRET like a key's (`taskdock keys webhook-secret
+    --anonymous` shows it)."""
+    webhook_allowed_networks: Annotated[list[str], NoDecode, Field(default_factory=list)]
+    """Networks (CIDRs, comma-separated) a `notify_url` may reach although they are not public:
+    loopback, private, link-local and metadata addresses are refused unless listed here."""
+    webhook_retry_window_seconds: Annotated[float, Field(ge=1, le=30 * 24 * 3600)] = 86400.0
+    """How long a webhook is retried, with exponential backoff, before it is marked failed."""
+    webhook_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
+    """Seconds to connect, and again to read the answer, per webhook attempt."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """The lowest level logged."""
     log_format: Literal["json", "console"] = "json"
@@ -185,6 +204,36 @@ class Settings(BaseSettings):
     def _split_modules(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"not a network: {network!r} (e.g. 10.0.0.0/8)") from None
+        return value
+
+    @field_validator("webhook_anonymous_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value().removeprefix("whsec_")
+            try:
+                decoded = base64.b64decode(raw + "==", validate=False)
+            except (ValueError, binascii.Error):
+                decoded = b""
+            if len(decoded) < 16:
+                raise ValueError("not a webhook secret: give whsec_ and 16+ bytes in base64")
         return value
 
     @field_validator("rate_limit_submit", "rate_limit_read", "rate_limit_auth_failures")

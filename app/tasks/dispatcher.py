@@ -23,6 +23,7 @@ from app.core.config import Settings
 from app.core.db import get_engine
 from app.tasks.publication import publish_outbox
 from app.tasks.recovery import Recovery, Swept
+from app.webhooks.delivery import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class Dispatcher:
         self.recovery = Recovery(settings=settings, celery_app=celery_app, lock=self.lock_rows)
         self._stop = threading.Event()
         self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
+        # Webhooks go out from a thread of their own: a slow receiver never delays the outbox.
+        self.webhooks = WebhookSender(settings=settings, lock=self.lock_rows, stop=self._stop)
         # Without the API's own publish there is nothing to wait for: fresh rows are ours.
         self.grace = settings.dispatch_grace_seconds if settings.publish_on_submit else 0.0
 
@@ -81,6 +84,7 @@ class Dispatcher:
 
     def run_forever(self, *, heartbeat_file: Path | None = None) -> None:
         logger.info("dispatcher started", extra={"interval": self.settings.dispatcher_interval})
+        self.webhooks.start()
         while not self._stop.is_set():
             report = self.tick()
             if heartbeat_file is not None and not report.errors:

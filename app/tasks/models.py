@@ -16,6 +16,8 @@ _STATUSES = ", ".join(f"'{status.value}'" for status in TaskStatus)
 _WAITING_UNPUBLISHED = "status IN ('QUEUED', 'RETRYING') AND published_at IS NULL"
 _WAITING = "status IN ('QUEUED', 'RETRYING')"
 _RUNNING = "status = 'RUNNING'"
+# Tasks with a webhook not yet handed to the webhook sender (app/webhooks/delivery.py).
+_NOTIFY_OWED = "notify_url IS NOT NULL AND notified_at IS NULL"
 
 
 class Task(Base):
@@ -54,6 +56,9 @@ class Task(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # The submitting request's X-Request-ID, carried to every run's log lines.
     request_id: Mapped[str | None] = mapped_column(String(128))
+    # Where the final record is POSTed (app/webhooks); notified_at: when its delivery was made.
+    notify_url: Mapped[str | None] = mapped_column(String(2000))
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -81,6 +86,12 @@ class Task(Base):
             "published_at",
             postgresql_where=text(_WAITING),
             sqlite_where=text(_WAITING),
+        ),
+        Index(
+            "ix_task_notify",
+            "finished_at",
+            postgresql_where=text(_NOTIFY_OWED),
+            sqlite_where=text(_NOTIFY_OWED),
         ),
         Index(
             "ix_task_lease",

@@ -20,6 +20,7 @@ from app.tasks.exceptions import TaskNotFound
 from app.tasks.registry import all_task_types, registry_version
 from app.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskTypeRead
 from app.tasks.states import TaskStatus
+from app.webhooks.service import check_notify_url
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix=API_V1, tags=["tasks"])
@@ -45,7 +46,7 @@ IdempotencyKey = Annotated[
         409: described("Idempotency-Key reused with a different body"),
         413: described("Body too large"),
         429: described("Rate limit or unfinished-task quota reached"),
-        422: described("Unknown type or invalid payload"),
+        422: described("Unknown type, invalid payload, or a refused notify_url"),
         503: described("The database is unavailable; nothing was recorded"),
     },
 )
@@ -56,6 +57,9 @@ async def submit_task(
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
+    if data.notify_url is not None:
+        # A DNS lookup, off the event loop; a submission without a notify_url pays nothing.
+        await check_notify_url(url=data.notify_url, settings=submitter.settings)
     # The protocol (commit, publish, record) is app/tasks/publication.py's.
     record, created = await submitter.submit(
         data=data,

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.tasks.states import TaskStatus
+from app.webhooks.guard import url_problem
 
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
 MAX_COUNTDOWN = 30 * 24 * 3600.0
@@ -38,6 +39,20 @@ class TaskCreate(BaseModel):
     eta: AwareDatetime | None = Field(
         default=None, description="Run at (or after) this time; needs a timezone."
     )
+    notify_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="POSTed the final record, signed (Standard Webhooks); http or https, and a "
+        "public address unless TASKDOCK_WEBHOOK_ALLOWED_NETWORKS allows it.",
+    )
+
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url_form(cls, value: str | None) -> str | None:
+        # Its address is checked by the route (app.webhooks.guard): that needs a DNS lookup.
+        if value is not None:
+            url_problem(value)
+        return value
 
     @model_validator(mode="after")
     def _one_schedule(self) -> TaskCreate:
@@ -81,6 +96,7 @@ class TaskRead(BaseModel):
     queued_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    notify_url: str | None = Field(default=None, description="Where the final record is POSTed.")
 
 
 class TaskPage(BaseModel):

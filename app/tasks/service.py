@@ -40,7 +40,10 @@ _TABLE = cast(Table, Task.__table__)
 
 
 def request_hash(data: TaskCreate) -> str:
-    canonical = json.dumps(data.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    # Without an absent notify_url, so keys recorded before it existed still match.
+    absent = {"notify_url"} if data.notify_url is None else None
+    fields = data.model_dump(mode="json", exclude=absent)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -101,6 +104,7 @@ def prepare(
         "idempotency_key": idempotency_key,
         "request_hash": request_hash(data),
         "request_id": request_id,
+        "notify_url": data.notify_url,
         "created_at": now,
         "updated_at": now,
     }
@@ -347,6 +351,8 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
                 finished_at=None,
                 result=None,
                 error=None,
+                # The new attempt's end owes its own webhook.
+                notified_at=None,
                 updated_at=now,
             )
             .execution_options(synchronize_session=False)

@@ -8,6 +8,7 @@ from sqlalchemy import Connection
 from app.auth import models as auth_models  # noqa: F401 - registers the tables
 from app.db.base import Base
 from app.tasks import models  # noqa: F401 - registers the tables on Base.metadata
+from app.webhooks import models as webhook_models  # noqa: F401
 from app.workers import models as worker_models  # noqa: F401
 
 target_metadata = Base.metadata
