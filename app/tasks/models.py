@@ -6,11 +6,21 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, Enum, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, UTCDateTime, utcnow
-from app.tasks.states import TaskStatus
+from app.tasks.states import RunOutcome, TaskStatus
 
 _STATUSES = ", ".join(f"'{status.value}'" for status in TaskStatus)
 _WAITING_UNPUBLISHED = "status IN ('QUEUED', 'RETRYING') AND published_at IS NULL"
@@ -100,3 +110,39 @@ class Task(Base):
             sqlite_where=text(_RUNNING),
         ),
     )
+
+
+_OUTCOMES = ", ".join(f"'{outcome.value}'" for outcome in RunOutcome)
+
+
+class TaskRun(Base):
+    """One run: one delivery of one attempt, kept after the task has moved on.
+
+    Written by the statements that move the task (the claim, the outcome, the cancel, the
+    reaper), so it never disagrees with the record; the task row keeps only the latest state.
+    """
+
+    __tablename__ = "task_run"
+
+    # Deleting a task deletes its runs (retention deletes tasks, not runs).
+    task_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("task.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    outcome: Mapped[RunOutcome] = mapped_column(
+        Enum(
+            RunOutcome,
+            native_enum=False,
+            create_constraint=False,
+            length=16,
+            values_callable=lambda outcomes: [outcome.value for outcome in outcomes],
+            validate_strings=True,
+        )
+    )
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (CheckConstraint(f"outcome IN ({_OUTCOMES})", name="outcome"),)

@@ -14,7 +14,7 @@ A task can be lost in three places after its commit, and each has one owner:
    (`reap_expired_leases`) hands the attempt out again, or ends it: FAILED `TimeLimitExceeded`
    when the run reached its hard limit, FAILED `WorkerLost` when every one of
    TASKDOCK_TASK_MAX_DELIVERIES runs died (`lost_too_often`, the one poison rule, which the
-   worker's claim applies too).
+   worker's claim applies too). Either way the run's row in the run history ends LOST.
 
 A run's own writes (claim, lease renewal, outcome), fenced by (attempt, delivery) so that a
 stale run or a late redelivery changes nothing, are `app.tasks.lifecycle`'s. The dispatcher
@@ -38,11 +38,11 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.db.base import utcnow
-from app.tasks.lifecycle import rowcount
+from app.tasks.lifecycle import end_runs, rowcount
 from app.tasks.models import Task
 from app.tasks.publication import queue_depths
 from app.tasks.registry import time_limits
-from app.tasks.states import WAITING, TaskStatus
+from app.tasks.states import WAITING, RunOutcome, TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ def reap_expired_leases(
     *, session: Session, max_deliveries: int, hard_limit: Callable[[str], float], batch: int = 500
 ) -> Reaped:
     """RUNNING rows whose lease ran out: their run is gone (its worker died, or Celery's hard
-    time limit killed it). Hand them out again, or end them as FAILED."""
+    time limit killed it). Hand them out again, or end them as FAILED; either way their run
+    is over, and its row in the run history says LOST, with why."""
     now = utcnow()
     rows = session.execute(
         select(Task.id, Task.type, Task.attempt, Task.deliveries, Task.started_at)
@@ -157,7 +158,7 @@ def reap_expired_leases(
         else:
             values = {"status": TaskStatus.QUEUED, "published_at": None}
             reaped.requeued += 1
-        session.execute(
+        changed = session.execute(
             update(Task)
             .where(
                 Task.id == row.id,
@@ -169,7 +170,21 @@ def reap_expired_leases(
             .values(lease_expires_at=None, updated_at=now, **values)
             .execution_options(synchronize_session=False)
         )
+        if rowcount(changed) == 1:
+            # Not the hot path: a second statement of the sweep's transaction.
+            end_runs(
+                session=session,
+                attempts=[(row.id, row.attempt)],
+                outcome=RunOutcome.LOST,
+                error=values.get("error", LEASE_RAN_OUT),
+            )
     return reaped
+
+
+LEASE_RAN_OUT = {
+    "type": "WorkerLost",
+    "message": "the run's lease ran out (its worker was lost); the attempt is handed out again",
+}
 
 
 def lost_too_often(lost_runs: int, *, max_deliveries: int) -> bool:

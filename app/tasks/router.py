@@ -5,20 +5,30 @@ from __future__ import annotations
 import logging
 import uuid
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from pydantic import BaseModel, TypeAdapter
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import API_V1, Database, DatabaseDep, SubmitterDep
 from app.api.middleware import current_request_id
 from app.auth.dependencies import CanRead, CanSubmit, owner_filter
 from app.core import metrics
 from app.core.errors import described
-from app.tasks import service
+from app.tasks import bulk, service
 from app.tasks.exceptions import TaskNotFound
 from app.tasks.registry import all_task_types, registry_version
-from app.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskTypeRead
+from app.tasks.schemas import (
+    BulkAction,
+    BulkResult,
+    TaskCreate,
+    TaskPage,
+    TaskRead,
+    TaskRunRead,
+    TaskRuns,
+    TaskTypeRead,
+)
 from app.tasks.states import TaskStatus
 from app.webhooks.service import check_notify_url
 
@@ -104,6 +114,14 @@ async def list_tasks(
     )
 
 
+@router.api_route("/tasks/cancel", methods=["GET"], include_in_schema=False)
+@router.api_route("/tasks/retry", methods=["GET"], include_in_schema=False)
+async def bulk_routes_take_post() -> None:
+    # Registered before GET /tasks/{task_id}, which would otherwise take these paths and
+    # answer 422 (not a UUID) where the method is what is wrong.
+    raise StarletteHTTPException(status.HTTP_405_METHOD_NOT_ALLOWED, headers={"Allow": "POST"})
+
+
 @router.get(
     "/tasks/{task_id}",
     response_model=TaskRead,
@@ -124,6 +142,53 @@ async def get_task(
     if row is None:
         raise TaskNotFound(task_id=str(task_id))
     return json_response(TaskRead.model_validate(dict(row)), response)
+
+
+_BULK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: described("No criterion, no or too large a limit, or a status the action never takes"),
+}
+
+
+@router.post(
+    "/tasks/cancel",
+    response_model=BulkResult,
+    summary="Cancel the tasks a filter matches (at most `limit`)",
+    responses=_BULK_RESPONSES,
+)
+async def cancel_tasks(
+    action: BulkAction, database: DatabaseDep, principal: CanSubmit
+) -> BulkResult:
+    done = await bulk.cancel(database=database, action=action, owner=owner_filter(principal))
+    for type_, count in done.types.items():
+        metrics.TASKS_CANCELLED.labels(type_).inc(count)
+    return done.result
+
+
+@router.post(
+    "/tasks/retry",
+    response_model=BulkResult,
+    summary="Retry the FAILED or CANCELLED tasks a filter matches (at most `limit`)",
+    responses=_BULK_RESPONSES,
+)
+async def retry_tasks(
+    action: BulkAction, database: DatabaseDep, principal: CanSubmit
+) -> BulkResult:
+    # The new attempts wait in the outbox: the dispatcher publishes them in batches.
+    done = await bulk.retry(database=database, action=action, owner=owner_filter(principal))
+    return done.result
+
+
+@router.get(
+    "/tasks/{task_id}/runs",
+    response_model=TaskRuns,
+    summary="Every run of a task, oldest first",
+    responses={404: described("No such task")},
+)
+async def list_task_runs(task_id: uuid.UUID, database: DatabaseDep, principal: CanRead) -> TaskRuns:
+    runs = await database.autocommit(
+        service.list_runs, task_id=task_id, owner=owner_filter(principal)
+    )
+    return TaskRuns(task_id=task_id, items=[TaskRunRead.model_validate(run) for run in runs])
 
 
 def json_response(

@@ -6,9 +6,17 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
-from app.tasks.states import TaskStatus
+from app.tasks.states import RunOutcome, TaskStatus
 from app.webhooks.guard import url_problem
 
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
@@ -114,3 +122,99 @@ class TaskTypeRead(BaseModel):
     time_limit: float | None
     input_schema: dict[str, Any]
     output_schema: dict[str, Any] | None
+
+
+class TaskRunRead(BaseModel):
+    """One run: one delivery of one attempt to a worker."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    attempt: int
+    delivery: int = Field(description="Which hand-out of this attempt it was, from 1.")
+    worker: str | None = Field(description="The worker process that ran it.")
+    outcome: RunOutcome = Field(description="RUNNING until it ends.")
+    error: TaskError | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+
+    @computed_field(description="Seconds from start to end; null while it runs.")  # type: ignore[prop-decorator]
+    @property
+    def duration(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return round((self.finished_at - self.started_at).total_seconds(), 6)
+
+
+class TaskRuns(BaseModel):
+    task_id: uuid.UUID
+    items: list[TaskRunRead] = Field(description="Every run of every attempt, oldest first.")
+
+
+MAX_BULK = 10_000
+
+
+class BulkAction(BaseModel):
+    """Which tasks a bulk cancel or retry takes: every criterion given must hold."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"status": ["FAILED"], "type": "sleep", "limit": 100}]},
+    )
+
+    ids: list[uuid.UUID] | None = Field(
+        default=None, min_length=1, max_length=MAX_BULK, description="These tasks only."
+    )
+    status: list[TaskStatus] | None = Field(
+        default=None, min_length=1, description="Any of these states (of those the action takes)."
+    )
+    type: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[^\x00]*$")
+    queue: str | None = Field(default=None, pattern=QUEUE_PATTERN)
+    created_after: AwareDatetime | None = Field(default=None, description="Created at or after.")
+    created_before: AwareDatetime | None = Field(default=None, description="Created before.")
+    # Strict: a body saying "10" or 1 where a number or a boolean belongs is a mistake to name.
+    limit: int = Field(
+        ge=1, le=MAX_BULK, strict=True, description="At most this many tasks, oldest first."
+    )
+    dry_run: bool = Field(
+        default=False, strict=True, description="Count the tasks it would take; change none."
+    )
+
+    @field_validator("created_after", "created_before", mode="before")
+    @classmethod
+    def _a_date_time_text(cls, value: object) -> object:
+        # Pydantic would read a number as seconds since 1970: almost surely not what was meant.
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("give an ISO 8601 date-time with a time zone")
+        return value
+
+    @model_validator(mode="after")
+    def _some_criterion(self) -> BulkAction:
+        criteria = (self.ids, self.status, self.type, self.queue)
+        if all(value is None for value in criteria) and not self.created_range:
+            raise ValueError(
+                "give at least one criterion (ids, status, type, queue, created_after, "
+                "created_before): an empty filter would take every task"
+            )
+        if (
+            self.created_after is not None
+            and self.created_before is not None
+            and self.created_after >= self.created_before
+        ):
+            raise ValueError("created_after must be before created_before")
+        return self
+
+    @property
+    def created_range(self) -> bool:
+        return self.created_after is not None or self.created_before is not None
+
+
+BULK_IDS_SHOWN = 100
+
+
+class BulkResult(BaseModel):
+    matched: int = Field(description="Tasks that matched and were in a state the action takes.")
+    changed: int = Field(description="Tasks changed; 0 in a dry run.")
+    dry_run: bool
+    ids: list[uuid.UUID] | None = Field(
+        description=f"The tasks changed (matched, in a dry run), when at most {BULK_IDS_SHOWN}."
+    )

@@ -24,13 +24,14 @@ from app.tasks.exceptions import (
     TaskFinished,
     TaskNotFound,
 )
-from app.tasks.models import Task
+from app.tasks.models import Task, TaskRun
 from app.tasks.registry import get_task_type, known_queues
 from app.tasks.schemas import TaskCreate, TaskRead
 from app.tasks.states import (
     TERMINAL,
     UNFINISHED,
     IllegalTransition,
+    RunOutcome,
     TaskStatus,
     check_transition,
     sources,
@@ -239,6 +240,22 @@ def read_statement(*, task_id: uuid.UUID, owner: str | None) -> tuple[Select[Any
     return _READ_OWNED, {"task_id": task_id, "owner": owner}
 
 
+def list_runs(*, session: Session, task_id: uuid.UUID, owner: str | None) -> list[TaskRun]:
+    """Every run of a task, oldest first; another owner's task is as absent as an unknown one."""
+    query = select(Task.id).where(Task.id == task_id)
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    if session.scalar(query) is None:
+        raise TaskNotFound(task_id=str(task_id))
+    return list(
+        session.scalars(
+            select(TaskRun)
+            .where(TaskRun.task_id == task_id)
+            .order_by(TaskRun.attempt, TaskRun.delivery)
+        )
+    )
+
+
 def encode_cursor(task: Task) -> str:
     raw = f"{task.created_at.isoformat()}|{task.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -317,6 +334,11 @@ def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
                 .execution_options(synchronize_session=False)
             )
         )
+        if changed:
+            # Its running run, if any, ends here: the worker learns it at its next renewal.
+            lifecycle.end_runs(
+                session=session, attempts=[(task.id, task.attempt)], outcome=RunOutcome.CANCELLED
+            )
         session.refresh(task)
         if changed:
             return task

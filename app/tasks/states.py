@@ -55,6 +55,16 @@ TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
 }
 
 
+class RunOutcome(StrEnum):
+    """How one run (one delivery of one attempt) ended; RUNNING while it runs."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"  # the task's error; its next run, if any, is the next attempt
+    CANCELLED = "CANCELLED"
+    LOST = "LOST"  # its worker vanished, or its lease ran out and the attempt was handed out again
+
+
 class IllegalTransition(Conflict):
     code = "illegal_transition"
 
