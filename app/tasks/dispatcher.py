@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from app.core.config import Settings
 from app.core.db import get_engine
+from app.schedules.firing import Scheduler
 from app.tasks.publication import publish_outbox
 from app.tasks.recovery import Recovery, Swept
 
@@ -42,6 +43,7 @@ class Dispatcher:
         self.lock_rows = engine.dialect.name == "postgresql"
         self._last_sweep = 0.0
         self.recovery = Recovery(settings=settings, celery_app=celery_app, lock=self.lock_rows)
+        self.scheduler = Scheduler(settings=settings, celery_app=celery_app, lock=self.lock_rows)
         self._stop = threading.Event()
         self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
         # Without the API's own publish there is nothing to wait for: fresh rows are ours.
@@ -55,6 +57,7 @@ class Dispatcher:
             self._last_sweep = now
             report.swept = self.recovery.sweep()
             report.errors.extend(report.swept.errors)
+        report.errors.extend(self.scheduler.fire_due().errors)
         self._publish_due(report)
         return report
 

@@ -81,6 +81,10 @@ class TaskRead(BaseModel):
     queued_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    schedule_id: uuid.UUID | None = Field(
+        default=None, description="The schedule that fired it (null once that is deleted)."
+    )
+    schedule_slot: datetime | None = Field(default=None, description="The slot it was fired for.")
 
 
 class TaskPage(BaseModel):
