@@ -118,10 +118,3 @@ DB_POOL_SIZE = Gauge(
     "Configured pool size, summed over live processes.",
     multiprocess_mode="livesum",
 )
-
-SCHEDULE_SLOTS = Counter(
-    "taskdock_schedule_slots_total",
-    "Schedule slots by outcome: fired, skipped_overlap (the previous task was unfinished), "
-    "skipped_missed (downtime beyond the catch-up policy), invalid, duplicate (fired already).",
-    ["outcome"],
-)

@@ -30,7 +30,6 @@ from sqlalchemy import Table, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.core import metrics
 from app.core.config import ConfigError, Settings
 from app.core.db import session_scope
 from app.core.errors import AppError
@@ -152,22 +151,23 @@ def _fire_one(
     for slot in slots.fire:
         if busy:
             skipped += 1
-            metrics.SCHEDULE_SLOTS.labels("skipped_overlap").inc()
             logger.info(
                 "schedule slot skipped: its previous task is unfinished",
                 extra={"schedule_id": str(schedule.id), "slot": slot.isoformat()},
             )
             continue
-        row = _submit(session, schedule, slot=slot, now=now, extra_queues=extra_queues)
+        row = _prepare(schedule, slot=slot, extra_queues=extra_queues)
         if row is None:
             skipped += 1
+            continue
+        if not _insert(session, row):
+            # Another dispatcher (or an older copy of this one) fired this slot already.
             continue
         round_.rows.append(row)
         schedule.last_task_id, schedule.last_slot_at = row["id"], slot
         schedule.fired_count += 1
         busy = schedule.overlap == Overlap.SKIP
     if slots.skipped:
-        metrics.SCHEDULE_SLOTS.labels("skipped_missed").inc(slots.skipped)
         logger.info(
             "missed schedule slots skipped by the catch-up policy",
             extra={"schedule_id": str(schedule.id), "count": slots.skipped},
@@ -179,11 +179,12 @@ def _fire_one(
     session.flush()
 
 
-def _submit(
-    session: Session, schedule: Schedule, *, slot: datetime, now: datetime, extra_queues: list[str]
+def _prepare(
+    schedule: Schedule, *, slot: datetime, extra_queues: list[str]
 ) -> dict[str, Any] | None:
-    """One slot's task, made as the API makes a submission; None if the slot had fired already
-    or the schedule no longer makes a valid task (its type or input model changed)."""
+    """One slot's task, made as the API makes a submission (and marked published: it is sent
+    right after the commit); None if the schedule no longer makes a valid task (its type or
+    the type's input model changed since it was created)."""
     try:
         row = task_service.prepare(
             data=service.task_create(schedule),
@@ -193,20 +194,18 @@ def _submit(
             publishing=True,
         )
     except AppError as exc:
-        metrics.SCHEDULE_SLOTS.labels("invalid").inc()
         logger.error(
             "schedule makes no valid task; slot skipped",
             extra={"schedule_id": str(schedule.id), "reason": exc.message},
         )
         return None
     row["schedule_id"], row["schedule_slot"] = schedule.id, slot
-    inserted = session.execute(_insert_once(session), row).first() is not None
-    if not inserted:
-        # Another dispatcher (or an older copy of this one) fired this slot already.
-        metrics.SCHEDULE_SLOTS.labels("duplicate").inc()
-        return None
-    metrics.SCHEDULE_SLOTS.labels("fired").inc()
     return row
+
+
+def _insert(session: Session, row: dict[str, Any]) -> bool:
+    """False if the slot has its task already: the unique (schedule_id, schedule_slot)."""
+    return session.execute(_insert_once(session), row).first() is not None
 
 
 def _insert_once(session: Session) -> Any:

@@ -118,6 +118,8 @@ def test_a_slot_never_fires_twice_even_if_the_schedule_is_rewound(database: bool
     assert [task.schedule_slot for task in tasks_of(schedule.id)] == [
         anchor + timedelta(seconds=s) for s in range(1, 5)
     ]
+    # The slots found fired already are neither fired again nor counted as skipped.
+    assert (reload(schedule.id).fired_count, reload(schedule.id).skipped_count) == (4, 0)
 
 
 def test_overlap_skip_waits_for_the_previous_task(database: bool) -> None:
@@ -245,3 +247,20 @@ def test_a_bad_code_declared_schedule_stops_the_dispatcher_with_one_line(
     declare(declared, ScheduleSpec(name="bad", interval_seconds=5, payload={"seconds": "x"}))
     with pytest.raises(ConfigError, match="payload"):
         firing.declared_schedules(extra_queues=[])
+
+
+def test_metrics_report_schedules_and_their_slots(database: bool) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    schedule = create(interval_seconds=1)
+    paused = create(interval_seconds=1, paused=True)
+    assert paused.paused
+    fire_at(schedule.anchor_at + timedelta(seconds=5.5), database)
+    with TestClient(create_app()) as client:
+        text = client.get("/metrics").text
+    assert 'taskdock_schedules{state="active"} 1.0' in text
+    assert 'taskdock_schedules{state="paused"} 1.0' in text
+    assert 'taskdock_schedule_slots{outcome="fired"} 1.0' in text
+    assert 'taskdock_schedule_slots{outcome="skipped"} 4.0' in text
