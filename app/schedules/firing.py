@@ -291,7 +291,16 @@ def sync_declared(*, session: Session, declared: dict[str, ScheduleCreate], lock
             row.next_fire_at = next_slot(service.timing(row), after=now)
         row.updated_at = now
         logger.info("declared schedule updated", extra={"schedule": name})
+    known = {task_type.name for task_type in all_task_types()}
     for gone, row in existing.items():
+        if row.type not in known:
+            # This process does not load the type's module: another dispatcher may, and the
+            # schedule is not this one's to judge.
+            logger.warning(
+                "declared schedule of a task type not loaded here; left as it is",
+                extra={"schedule": gone, "type": row.type},
+            )
+            continue
         session.delete(row)
         logger.info("declared schedule removed from the code; deleted", extra={"schedule": gone})
     session.flush()

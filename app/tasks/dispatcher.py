@@ -1,5 +1,5 @@
-"""The dispatcher process: the loop that runs the outbox (app.tasks.publication) and the sweeps
-of app.tasks.recovery.
+"""The dispatcher process: the loop that runs the outbox (app.tasks.publication), the sweeps
+of app.tasks.recovery, and the firing of due schedules (app.schedules.firing).
 
 Runs as its own process (`taskdock dispatcher`); several may run on PostgreSQL, since
 each batch is taken with FOR UPDATE SKIP LOCKED. On PostgreSQL a commit that puts a task in

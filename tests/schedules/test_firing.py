@@ -232,6 +232,9 @@ def test_code_declared_schedules_are_created_updated_and_removed(
     declare(declared, ScheduleSpec(name="nightly", cron="0 4 * * *", payload=payload))
     (only,) = sync(database)
     assert (only.id, only.cron, only.timezone) == (first[0].id, "0 4 * * *", "UTC")
+    # A schedule of a task type this process does not load is not its to remove.
+    _registry.pop("tests.declared")
+    assert [s.id for s in sync(database)] == [only.id]
     assert only.next_fire_at.minute == 0
     assert only.next_fire_at.hour == 4
 
@@ -264,3 +267,39 @@ def test_metrics_report_schedules_and_their_slots(database: bool) -> None:
     assert 'taskdock_schedules{state="paused"} 1.0' in text
     assert 'taskdock_schedule_slots{outcome="fired"} 1.0' in text
     assert 'taskdock_schedule_slots{outcome="skipped"} 4.0' in text
+
+
+def test_the_dispatchers_step_syncs_fires_and_publishes(
+    database: bool, declared: dict[str, TaskType]
+) -> None:
+    from app.core.config import get_settings
+
+    declare(declared, ScheduleSpec(name="often", interval_seconds=2, payload={"seconds": 0}))
+    scheduler = firing.Scheduler(
+        settings=get_settings(), celery_app=services.celery_app(), lock=database
+    )
+    assert scheduler.fire_due().errors == []
+    (row,) = sync(database)
+    assert (row.name, row.source, row.type) == ("often", "code", "tests.declared")
+    result = scheduler.fire_due(now=row.next_fire_at + timedelta(seconds=0.5))
+    assert (result.fired, result.skipped, result.errors) == (1, 0, [])
+    (task,) = tasks_of(row.id)
+    assert task.published_at is not None
+
+
+def test_fired_tasks_wait_in_the_outbox_while_the_broker_is_away(database: bool) -> None:
+    from app.core.celery import create_celery_app
+    from app.core.config import get_settings
+
+    schedule = create(interval_seconds=1)
+    away = f"redis://127.0.0.1:{services.free_port()}/0"
+    settings = get_settings().model_copy(update={"broker_url": away, "publish_timeout": 0.5})
+    scheduler = firing.Scheduler(
+        settings=settings, celery_app=create_celery_app(settings), lock=database
+    )
+    result = scheduler.fire_due(now=schedule.next_fire_at)
+    assert result.fired == 1
+    assert any(error.startswith("publish:") for error in result.errors), result.errors
+    (task,) = tasks_of(schedule.id)
+    # Unmarked: the dispatcher's outbox sends it once the broker is back.
+    assert (task.published_at, task.queued_at, task.status) == (None, None, TaskStatus.QUEUED)
