@@ -276,7 +276,7 @@ def test_the_dispatchers_step_syncs_fires_and_publishes(
 
     declare(declared, ScheduleSpec(name="often", interval_seconds=2, payload={"seconds": 0}))
     scheduler = firing.Scheduler(
-        settings=get_settings(), celery_app=services.celery_app(), lock=database
+        settings=get_settings(), celery_app=services.celery_app(), lock=database, min_gap=0
     )
     assert scheduler.fire_due().errors == []
     (row,) = sync(database)
@@ -295,7 +295,7 @@ def test_fired_tasks_wait_in_the_outbox_while_the_broker_is_away(database: bool)
     away = f"redis://127.0.0.1:{services.free_port()}/0"
     settings = get_settings().model_copy(update={"broker_url": away, "publish_timeout": 0.5})
     scheduler = firing.Scheduler(
-        settings=settings, celery_app=create_celery_app(settings), lock=database
+        settings=settings, celery_app=create_celery_app(settings), lock=database, min_gap=0
     )
     result = scheduler.fire_due(now=schedule.next_fire_at)
     assert result.fired == 1
