@@ -4,7 +4,7 @@ slot, and the schedules declared in code."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +303,17 @@ def test_fired_tasks_wait_in_the_outbox_while_the_broker_is_away(database: bool)
     (task,) = tasks_of(schedule.id)
     # Unmarked: the dispatcher's outbox sends it once the broker is back.
     assert (task.published_at, task.queued_at, task.status) == (None, None, TaskStatus.QUEUED)
+
+
+def test_a_cron_in_a_time_zone_fires_once_through_the_fall_back_night(database: bool) -> None:
+    schedule = create(cron="30 2 * * *", timezone="Europe/Berlin", catchup="all")
+    # 02:30 in Berlin happens twice on 2026-10-25: at 00:30 and at 01:30 UTC.
+    first = datetime(2026, 10, 25, 0, 30, tzinfo=UTC)
+    with session_scope() as session:
+        session.execute(
+            update(Schedule).where(Schedule.id == schedule.id).values(next_fire_at=first)
+        )
+    for minutes in range(0, 180, 20):
+        fire_at(first + timedelta(minutes=minutes), database)
+    assert [task.schedule_slot for task in tasks_of(schedule.id)] == [first]
+    assert reload(schedule.id).next_fire_at == datetime(2026, 10, 26, 1, 30, tzinfo=UTC)
