@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             partial(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
-                allow_methods=["GET", "POST"],
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
                 expose_headers=["Location", "X-Request-ID", "Retry-After", "RateLimit-Remaining"],
             )

@@ -17,6 +17,7 @@ from app.core import metrics
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.db.base import utcnow
+from app.schedules.models import Schedule
 from app.tasks.models import Task
 from app.tasks.publication import queue_depths
 from app.tasks.registry import known_queues
@@ -47,7 +48,7 @@ class StateCollector(Collector):
         from_db = _executor.submit(self._read_database)
         from_broker = _executor.submit(self._read_broker)
         try:
-            outbox, by_status, queue_reports = from_db.result(timeout=STATE_TIMEOUT)
+            outbox, by_status, queue_reports, schedules = from_db.result(timeout=STATE_TIMEOUT)
         except Exception as exc:
             logger.warning("metrics: database not readable", extra={"reason": repr(exc)[:200]})
         else:
@@ -63,6 +64,7 @@ class StateCollector(Collector):
             for status in TaskStatus:
                 statuses.add_metric([status.value], by_status.get(status.value, 0))
             yield statuses
+            yield from _schedule_gauges(schedules)
         try:
             depths: dict[str, int] | None = from_broker.result(timeout=STATE_TIMEOUT)
         except Exception:
@@ -78,7 +80,9 @@ class StateCollector(Collector):
                 queues.add_metric([queue], depth)
             yield queues
 
-    def _read_database(self) -> tuple[int, dict[str, int], list[QueueReport]]:
+    def _read_database(
+        self,
+    ) -> tuple[int, dict[str, int], list[QueueReport], tuple[int, int, int, int]]:
         waiting = sorted(WAITING)
         now = utcnow()
         with session_scope() as session:
@@ -93,10 +97,42 @@ class StateCollector(Collector):
                 known=known_queues(self.settings.extra_queues),
                 max_age=self.settings.worker_heartbeat_max_age,
             )
-        return int(outbox or 0), {str(s): int(c) for s, c in rows}, queue_reports
+            # The firing step runs in the dispatcher, which serves no metrics: its counts are
+            # kept on each schedule and read here.
+            active, paused, fired, skipped = session.execute(
+                select(
+                    func.count().filter(~Schedule.paused),
+                    func.count().filter(Schedule.paused),
+                    func.coalesce(func.sum(Schedule.fired_count), 0),
+                    func.coalesce(func.sum(Schedule.skipped_count), 0),
+                )
+            ).one()
+        return (
+            int(outbox or 0),
+            {str(s): int(c) for s, c in rows},
+            queue_reports,
+            (int(active), int(paused), int(fired), int(skipped)),
+        )
 
     def _read_broker(self) -> dict[str, int]:
         return queue_depths(self.celery_app, sorted(known_queues(self.settings.extra_queues)))
+
+
+def _schedule_gauges(counts: tuple[int, int, int, int]) -> Iterator[GaugeMetricFamily]:
+    active, paused, fired, skipped = counts
+    schedules = GaugeMetricFamily("taskdock_schedules", "Schedules by state.", labels=["state"])
+    schedules.add_metric(["active"], active)
+    schedules.add_metric(["paused"], paused)
+    yield schedules
+    slots = GaugeMetricFamily(
+        "taskdock_schedule_slots",
+        "Slots of the existing schedules: fired, or skipped (overlap, missed beyond the catch-up "
+        "policy, or no valid task).",
+        labels=["outcome"],
+    )
+    slots.add_metric(["fired"], fired)
+    slots.add_metric(["skipped"], skipped)
+    yield slots
 
 
 def _queue_gauges(reports: list[QueueReport]) -> Iterator[GaugeMetricFamily]:

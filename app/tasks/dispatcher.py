@@ -1,5 +1,5 @@
-"""The dispatcher process: the loop that runs the outbox (app.tasks.publication) and the sweeps
-of app.tasks.recovery.
+"""The dispatcher process: the loop that runs the outbox (app.tasks.publication), the sweeps
+of app.tasks.recovery, and the firing of due schedules (app.schedules.firing).
 
 Runs as its own process (`taskdock dispatcher`); several may run on PostgreSQL, since
 each batch is taken with FOR UPDATE SKIP LOCKED. On PostgreSQL a commit that puts a task in
@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from app.core.config import Settings
 from app.core.db import get_engine
+from app.schedules.firing import Scheduler
 from app.tasks.publication import publish_outbox
 from app.tasks.recovery import Recovery, Swept
 from app.webhooks.delivery import WebhookSender
@@ -43,6 +44,7 @@ class Dispatcher:
         self.lock_rows = engine.dialect.name == "postgresql"
         self._last_sweep = 0.0
         self.recovery = Recovery(settings=settings, celery_app=celery_app, lock=self.lock_rows)
+        self.scheduler = Scheduler(settings=settings, celery_app=celery_app, lock=self.lock_rows)
         self._stop = threading.Event()
         self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
         # Webhooks go out from a thread of their own: a slow receiver never delays the outbox.
@@ -58,6 +60,7 @@ class Dispatcher:
             self._last_sweep = now
             report.swept = self.recovery.sweep()
             report.errors.extend(report.swept.errors)
+        report.errors.extend(self.scheduler.fire_due().errors)
         self._publish_due(report)
         return report
 

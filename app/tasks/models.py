@@ -20,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, UTCDateTime, utcnow
+from app.schedules import models as _schedules  # noqa: F401 - the table schedule_id refers to
 from app.tasks.states import RunOutcome, TaskStatus
 
 _STATUSES = ", ".join(f"'{status.value}'" for status in TaskStatus)
@@ -74,6 +75,11 @@ class Task(Base):
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # A scheduled task's schedule and slot: the unique pair is why no slot ever fires twice.
+    schedule_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("schedule.id", ondelete="SET NULL")
+    )
+    schedule_slot: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
@@ -84,6 +90,8 @@ class Task(Base):
         Index("ix_task_owner_created", "owner", "created_at", "id"),
         Index("ix_task_owner_status_created", "owner", "status", "created_at", "id"),
         Index("ix_task_owner_type_created", "owner", "type", "created_at", "id"),
+        # A unique index, not a constraint: SQLite cannot add a constraint to a table.
+        Index("ix_task_schedule_slot", "schedule_id", "schedule_slot", unique=True),
         # The dispatcher's outbox scan and the reaper's lease scan touch only these rows.
         Index(
             "ix_task_outbox",

@@ -61,6 +61,28 @@ class TaskContext:
 
 
 @dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule declared next to its task type in code; the dispatcher keeps the database's
+    copy in step with it at start, by `name` (app/schedules/firing.py)."""
+
+    name: str
+    cron: str | None = None
+    timezone: str = "UTC"
+    interval_seconds: int | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+    priority: int = 0
+    overlap: str = "allow"
+    catchup: str = "latest"
+    catchup_window_seconds: int = 3600
+
+
+def schedule(name: str, **options: Any) -> ScheduleSpec:
+    """`@task_type(..., schedules=[schedule("nightly", cron="0 3 * * *", timezone=...)])`."""
+    return ScheduleSpec(name=name, **options)
+
+
+@dataclass(frozen=True)
 class TaskType:
     name: str
     func: Callable[[Any, TaskContext], Any]
@@ -70,6 +92,7 @@ class TaskType:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     time_limit: float | None = None
     description: str = ""
+    schedules: tuple[ScheduleSpec, ...] = ()
 
     @property
     def max_attempts(self) -> int:
@@ -104,8 +127,11 @@ def task_type(
     queue: str = "default",
     retry: RetryPolicy | None = None,
     time_limit: float | None = None,
+    schedules: list[ScheduleSpec] | None = None,
 ) -> Callable[[Callable[[InputT, TaskContext], Any]], Callable[[InputT, TaskContext], Any]]:
-    """Register a task type; the function takes the validated input and a TaskContext."""
+    """Register a task type; the function takes the validated input and a TaskContext.
+
+    `schedules` fire it on a cron or an interval with owner "" (see `schedule`)."""
 
     def register(
         func: Callable[[InputT, TaskContext], Any],
@@ -124,6 +150,7 @@ def task_type(
             retry=retry or RetryPolicy(),
             time_limit=time_limit,
             description=(func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "",
+            schedules=tuple(schedules or ()),
         )
         return func
 

@@ -105,6 +105,10 @@ class TaskRead(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     notify_url: str | None = Field(default=None, description="Where the final record is POSTed.")
+    schedule_id: uuid.UUID | None = Field(
+        default=None, description="The schedule that fired it (null once that is deleted)."
+    )
+    schedule_slot: datetime | None = Field(default=None, description="The slot it was fired for.")
 
 
 class TaskPage(BaseModel):

@@ -7,6 +7,7 @@ from sqlalchemy import Connection
 
 from app.auth import models as auth_models  # noqa: F401 - registers the tables
 from app.db.base import Base
+from app.schedules import models as schedule_models  # noqa: F401
 from app.tasks import models  # noqa: F401 - registers the tables on Base.metadata
 from app.webhooks import models as webhook_models  # noqa: F401
 from app.workers import models as worker_models  # noqa: F401
