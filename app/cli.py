@@ -311,6 +311,29 @@ def status(
             )
 
 
+@cli.command()
+def purge(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count the expired records; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete every expired finished record now (the dispatcher does it on its own)."""
+    from app.core.db import get_engine
+    from app.tasks import retention
+
+    _setup("cli")
+    engine = get_engine()
+    purged = retention.purge(
+        engine=engine,
+        settings=get_settings(),
+        lock=engine.dialect.name == "postgresql",
+        dry_run=dry_run,
+    )
+    verb = "would delete" if dry_run else "deleted"
+    counts = ", ".join(f"{status.value}={count}" for status, count in purged.counts.items())
+    typer.echo(f"{verb} {purged.total} expired task records: {counts}")
+
+
 def _age(delta: timedelta) -> str:
     return str(timedelta(seconds=max(0, int(delta.total_seconds()))))
 

@@ -1,5 +1,5 @@
-"""The dispatcher process: the loop that runs the outbox (app.tasks.publication) and the sweeps
-of app.tasks.recovery.
+"""The dispatcher process: the loop that runs the outbox (app.tasks.publication), the sweeps
+of app.tasks.recovery and the retention purge (app.tasks.retention).
 
 Runs as its own process (`taskdock dispatcher`); several may run on PostgreSQL, since
 each batch is taken with FOR UPDATE SKIP LOCKED. On PostgreSQL a commit that puts a task in
@@ -23,6 +23,7 @@ from app.core.config import Settings
 from app.core.db import get_engine
 from app.tasks.publication import publish_outbox
 from app.tasks.recovery import Recovery, Swept
+from app.tasks.retention import Purged, Retention
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 class TickReport:
     published: int = 0
     swept: Swept | None = None  # when this tick ran the recovery sweeps
+    purged: Purged | None = None  # when this tick ran (a slice of) the retention purge
     errors: list[str] = field(default_factory=list)
 
 
@@ -42,6 +44,7 @@ class Dispatcher:
         self.lock_rows = engine.dialect.name == "postgresql"
         self._last_sweep = 0.0
         self.recovery = Recovery(settings=settings, celery_app=celery_app, lock=self.lock_rows)
+        self.retention = Retention(settings=settings, engine=engine, lock=self.lock_rows)
         self._stop = threading.Event()
         self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
         # Without the API's own publish there is nothing to wait for: fresh rows are ours.
@@ -56,6 +59,7 @@ class Dispatcher:
             report.swept = self.recovery.sweep()
             report.errors.extend(report.swept.errors)
         self._publish_due(report)
+        report.purged = self.retention.tick()
         return report
 
     def _publish_due(self, report: TickReport) -> None:

@@ -16,6 +16,7 @@ _STATUSES = ", ".join(f"'{status.value}'" for status in TaskStatus)
 _WAITING_UNPUBLISHED = "status IN ('QUEUED', 'RETRYING') AND published_at IS NULL"
 _WAITING = "status IN ('QUEUED', 'RETRYING')"
 _RUNNING = "status = 'RUNNING'"
+_FINISHED = "finished_at IS NOT NULL"
 
 
 class Task(Base):
@@ -87,5 +88,14 @@ class Task(Base):
             "lease_expires_at",
             postgresql_where=text(_RUNNING),
             sqlite_where=text(_RUNNING),
+        ),
+        # The retention purge's scan (app.tasks.retention): finished rows only, so a run's
+        # claim and lease writes never touch it; only its final write adds an entry.
+        Index(
+            "ix_task_finished",
+            "status",
+            "finished_at",
+            postgresql_where=text(_FINISHED),
+            sqlite_where=text(_FINISHED),
         ),
     )
