@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from pydantic import BaseModel, TypeAdapter
 
@@ -82,22 +84,57 @@ async def submit_task(
 async def list_tasks(
     database: DatabaseDep,
     principal: CanRead,
+    response: Response,
     status_: Annotated[TaskStatus | None, Query(alias="status")] = None,
     type_: Annotated[str | None, Query(alias="type", max_length=200, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
-) -> TaskPage:
-    items, next_cursor = await database.autocommit(
+    include: Annotated[
+        Literal["result"] | None,
+        Query(
+            description="`result`: each item's result and error traceback too; the page then "
+            "ends early once its results pass TASKDOCK_LIST_MAX_BYTES (it has at least one item)."
+        ),
+    ] = None,
+) -> Response:
+    with_results = include == "result"
+    rows, next_cursor = await database.autocommit(
         service.list_tasks,
         owner=owner_filter(principal),
         status=status_,
         type_=type_,
         limit=limit,
         cursor=cursor,
+        include_result=with_results,
+        max_bytes=database.settings.list_max_bytes,
     )
-    return TaskPage(
-        items=[TaskRead.model_validate(task) for task in items], next_cursor=next_cursor
+    if with_results:
+        # Megabytes of results: decoded and encoded in a thread, not on the event loop.
+        body = await anyio.to_thread.run_sync(page_json, rows, next_cursor, True)
+    else:
+        body = page_json(rows, next_cursor, False)
+    return json_response(body, response)
+
+
+# Without include=result, list items leave out what may be large: the result and the traceback.
+_WITHOUT_RESULTS: dict[str, Any] = {
+    "items": {"__all__": {"result": True, "error": {"traceback": True}}}
+}
+
+
+def page_json(rows: list[dict[str, Any]], next_cursor: str | None, with_results: bool) -> bytes:
+    if with_results:
+        for row in rows:
+            row["result"] = _decoded(row["result"])
+    page = TaskPage(items=[TaskRead.model_validate(row) for row in rows], next_cursor=next_cursor)
+    return TaskPage.__pydantic_serializer__.to_json(
+        page, exclude=None if with_results else _WITHOUT_RESULTS
     )
+
+
+# A result whose JSON is larger is decoded, and its task's answer encoded, in a thread: a
+# megabyte costs the event loop tens of milliseconds, which every other request would wait.
+INLINE_RESULT_BYTES = 64 * 1024
 
 
 @router.get(
@@ -119,7 +156,21 @@ async def get_task(
     )
     if row is None:
         raise TaskNotFound(task_id=str(task_id))
-    return json_response(TaskRead.model_validate(dict(row)), response)
+    found = dict(row)
+    result = found["result"]
+    if result is not None and len(result) > INLINE_RESULT_BYTES:
+        return json_response(await anyio.to_thread.run_sync(task_json, found), response)
+    return json_response(task_json(found), response)
+
+
+def task_json(row: dict[str, Any]) -> bytes:
+    """A task's answer from its row, whose result is JSON text (service.RESULT_TEXT)."""
+    row["result"] = _decoded(row["result"])
+    return TaskRead.__pydantic_serializer__.to_json(TaskRead.model_validate(row))
+
+
+def _decoded(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 def json_response(
