@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     """Each worker serves its own `/metrics` on this port (`0`: off)."""
     worker_metrics_host: str = "127.0.0.1"
     """Where the worker's `/metrics` listens: loopback like the API, `0.0.0.0` in containers."""
+    dispatcher_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9809
+    """The dispatcher serves its own `/metrics` on this port (`0`: off), on the worker's host
+    (TASKDOCK_WORKER_METRICS_HOST): records deleted by the retention purge."""
 
     auth_enabled: bool = True
     """API keys on every `/api` route. Off only when asked (`taskdock dev` does), with a warning

@@ -6,8 +6,10 @@ import threading
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
@@ -21,8 +23,8 @@ from app.tasks.dispatcher import Dispatcher
 from app.tasks.models import Task
 from app.tasks.registry import task_type
 from app.tasks.states import TaskStatus
-from tests.support.services import celery_app
-from tests.support.stack import taskdock
+from tests.support.services import celery_app, free_port, wait_for
+from tests.support.stack import running_stack, taskdock
 
 DAY = timedelta(days=1)
 TABLE = cast(Table, Task.__table__)
@@ -329,3 +331,26 @@ def test_200k_rows_purged_in_short_batches(two_hundred_thousand: dict[str, int])
 def _select(*where: Any, columns: list[Any]) -> list[Any]:
     with get_engine().connect() as connection:
         return list(connection.execute(select(*columns).where(*where)))
+
+
+def test_a_running_dispatcher_purges_and_counts_it(
+    database: dict[str, str], tmp_path: Path
+) -> None:
+    ids = seed(TaskStatus.SUCCEEDED, finished_ago=8 * DAY, count=3)
+    kept = seed(TaskStatus.QUEUED, finished_ago=None, type_="tests.side")  # no worker runs
+    port = free_port()
+    env = {**database, "TASKDOCK_DISPATCHER_METRICS_PORT": str(port)}
+    with running_stack(env, tmp_path / "logs") as stack:
+        dispatcher = stack.dispatcher()
+        line = 'taskdock_tasks_purged_total{status="SUCCEEDED"} 3.0'
+
+        def counted() -> bool:
+            assert dispatcher.alive(), dispatcher.output()[-3000:]
+            try:
+                return line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+            except httpx.HTTPError:
+                return False
+
+        wait_for(counted, timeout=60, what="the dispatcher's purge")
+    assert remaining(ids) == 0
+    assert remaining(kept) == 1
