@@ -222,8 +222,8 @@ def get(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     return task
 
 
-# A result as its JSON text, not decoded by the driver: a large one is decoded (and the answer
-# encoded) off the event loop (app.tasks.router), and a list measures it before loading it.
+# A result as its JSON text, not decoded by the driver: the API puts it into its answer as it is
+# (app.tasks.router.task_json), and a list measures it before loading it.
 RESULT_TEXT = cast_(_TABLE.c.result, Text).label("result")
 
 # The hot read, built once: the columns TaskRead shows, by id, optionally limited to an owner.
