@@ -134,6 +134,7 @@ def dispatcher() -> None:
 
     _setup("dispatcher")
     settings = get_settings()
+    _serve_metrics(settings.worker_metrics_host, settings.dispatcher_metrics_port, "dispatcher")
     loop = Dispatcher(settings=settings, celery_app=create_celery_app(settings))
 
     def _stop(signum: int, _frame: object) -> None:
@@ -143,6 +144,22 @@ def dispatcher() -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     loop.run_forever(heartbeat_file=settings.dispatcher_heartbeat_file)
+
+
+def _serve_metrics(host: str, port: int, role: str) -> None:
+    """This process's `/metrics` on `port` (0: off); a port in use is a warning, not an exit."""
+    if not port:
+        return
+    from prometheus_client import start_http_server
+
+    from app.core.metrics import collecting_registry
+
+    try:
+        start_http_server(port, addr=host, registry=collecting_registry())
+    except OSError as exc:
+        logger.warning(f"{role} metrics not served", extra={"port": port, "reason": str(exc)})
+        return
+    logger.info(f"{role} metrics served", extra={"host": host, "port": port})
 
 
 @cli.command()
@@ -310,6 +327,29 @@ def status(
                 f"last heartbeat {_age(now - worker.heartbeat_at)} ago  "
                 f"(pid {worker.pid}, up {_age(now - worker.started_at)})"
             )
+
+
+@cli.command()
+def purge(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count the expired records; delete nothing.")
+    ] = False,
+) -> None:
+    """Delete every expired finished record now (the dispatcher does it on its own)."""
+    from app.core.db import get_engine
+    from app.tasks import retention
+
+    _setup("cli")
+    engine = get_engine()
+    purged = retention.purge(
+        engine=engine,
+        settings=get_settings(),
+        lock=engine.dialect.name == "postgresql",
+        dry_run=dry_run,
+    )
+    verb = "would delete" if dry_run else "deleted"
+    counts = ", ".join(f"{status.value}={count}" for status, count in purged.counts.items())
+    typer.echo(f"{verb} {purged.total} expired task records: {counts}")
 
 
 def _age(delta: timedelta) -> str:
@@ -591,6 +631,7 @@ def dev(
         "dispatcher_heartbeat_file": str(data / "dispatcher.heartbeat"),
         "metrics_dir": str(data / "metrics"),
         "worker_metrics_port": str(_free_port(settings.worker_metrics_host)),
+        "dispatcher_metrics_port": str(_free_port(settings.worker_metrics_host)),
     }
     for name, value in defaults.items():
         if name not in settings.model_fields_set:

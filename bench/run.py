@@ -17,7 +17,15 @@ from dataclasses import asdict, replace
 from types import ModuleType
 from typing import Any
 
-from bench import bench_api, bench_e2e, bench_footprint, bench_pg, bench_profile, charts
+from bench import (
+    bench_api,
+    bench_e2e,
+    bench_footprint,
+    bench_pg,
+    bench_profile,
+    bench_purge,
+    charts,
+)
 from bench.bench_e2e import PEERS
 from bench.bench_profile import PROFILED, layers_seen
 from bench.common import RESULTS, Options, console, fmt, machine_info, now_stamp, ui, write_json
@@ -28,6 +36,7 @@ MODULES: dict[str, ModuleType] = {
     "pg": bench_pg,
     "footprint": bench_footprint,
     "profile": bench_profile,
+    "purge": bench_purge,
 }
 TOOLS = {"wrk": "wrk", "redis-server": "redis-server", "pgbench": "postgresql-client"}
 
@@ -152,6 +161,7 @@ def summary(report: dict[str, Any], images: list[str]) -> str:
         ("api", _api_rows),
         ("e2e", _e2e_rows),
         ("pg", _pg_rows),
+        ("purge", _purge_rows),
     ]
     for module, make in rows:
         if module in report:
@@ -284,6 +294,15 @@ def _pg_rows(pg: dict[str, Any]) -> list[str]:
         _ratio_row(
             f"6. submit rate / pgbench insert ceiling ({pg['clients']} clients)", pg, "", "/s"
         )
+    ]
+
+
+def _purge_rows(purge: dict[str, Any]) -> list[str]:
+    label = f"8. poll during a purge of {purge['rows']:,} records (vs no purge)"
+    return [
+        _ratio_row(f"{label}, rate", purge, "", "/s"),
+        _ratio_row(f"{label}, p50", purge, "", " ms", key="p50_ms"),
+        _ratio_row(f"{label}, p99", purge, "", " ms", key="p99_ms"),
     ]
 
 

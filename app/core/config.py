@@ -122,6 +122,26 @@ class Settings(BaseSettings):
     reaper_interval: Annotated[float, Field(gt=0, le=300)] = 5.0
     """Seconds between lease sweeps."""
 
+    # Retention: finished records are deleted by the dispatcher once this old (app.tasks.retention).
+    retention_succeeded_seconds: Annotated[float, Field(ge=0)] = 7 * 24 * 3600.0
+    """Seconds a SUCCEEDED task's record is kept after it finished (`0`: kept forever); a task
+    type may set its own (`retention=` in its decorator)."""
+    retention_failed_seconds: Annotated[float, Field(ge=0)] = 30 * 24 * 3600.0
+    """Seconds a FAILED task's record is kept after it finished (`0`: kept forever)."""
+    retention_cancelled_seconds: Annotated[float, Field(ge=0)] = 30 * 24 * 3600.0
+    """Seconds a CANCELLED task's record is kept after it finished (`0`: kept forever)."""
+    retention_interval: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    """Seconds between the dispatcher's purges of expired records (a purge that has more left
+    goes on at the next tick)."""
+    retention_batch_size: Annotated[int, Field(ge=1, le=10000)] = 1000
+    """Records deleted per transaction by a purge: small batches keep each transaction short."""
+    result_max_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    """The largest result a task may store, in bytes of its JSON; a larger one makes the run
+    FAILED with `ResultTooLarge` (not retried: the same code returns the same result)."""
+    list_max_bytes: Annotated[int, Field(ge=64 * 1024, le=1024 * 1024 * 1024)] = 4 * 1024 * 1024
+    """Bytes of results one page of `GET /api/v1/tasks?include=result` may carry: the page ends
+    early (with its cursor) once its results pass it; a page always has at least one task."""
+
     worker_concurrency: Annotated[int, Field(ge=1, le=256)] = 2
     """Pool processes per worker."""
     worker_heartbeat_file: Path = Path("/tmp/taskdock-worker.heartbeat")  # noqa: S108
@@ -148,6 +168,9 @@ class Settings(BaseSettings):
     """Each worker serves its own `/metrics` on this port (`0`: off)."""
     worker_metrics_host: str = "127.0.0.1"
     """Where the worker's `/metrics` listens: loopback like the API, `0.0.0.0` in containers."""
+    dispatcher_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9809
+    """The dispatcher serves its own `/metrics` on this port (`0`: off), on the worker's host
+    (TASKDOCK_WORKER_METRICS_HOST): records deleted by the retention purge."""
 
     auth_enabled: bool = True
     """API keys on every `/api` route. Off only when asked (`taskdock dev` does), with a warning

@@ -57,9 +57,20 @@ class DatabaseFileGone(ServiceUnavailable):
         super().__init__(f"{problem}: restart taskdock to use a new one")
 
 
+class EncodedJSON(str):
+    """A value's JSON made already by `json_dumps` (a run's result, measured against its size
+    limit before the write): written as it is, not encoded a second time."""
+
+    __slots__ = ()
+
+
 def json_dumps(value: Any) -> str:
     """JSON columns as JSON is defined: NaN and Infinity are refused (ValueError) when written,
-    on every database alike, instead of stored where no JSON reader can take them back."""
+    on every database alike, instead of stored where no JSON reader can take them back.
+
+    ASCII only (non-ASCII as escapes), so the text's length is its size in bytes."""
+    if isinstance(value, EncodedJSON):
+        return value
     return json.dumps(value, allow_nan=False)
 
 

@@ -118,3 +118,8 @@ DB_POOL_SIZE = Gauge(
     "Configured pool size, summed over live processes.",
     multiprocess_mode="livesum",
 )
+TASKS_PURGED = Counter(
+    "taskdock_tasks_purged_total",
+    "Finished task records deleted by the retention purge, by final status.",
+    ["status"],
+)

@@ -1,5 +1,6 @@
 """The dispatcher process: the loop that runs the outbox (app.tasks.publication), the sweeps
-of app.tasks.recovery, and the firing of due schedules (app.schedules.firing).
+of app.tasks.recovery, the firing of due schedules (app.schedules.firing) and the retention
+purge (app.tasks.retention).
 
 Runs as its own process (`taskdock dispatcher`); several may run on PostgreSQL, since
 each batch is taken with FOR UPDATE SKIP LOCKED. On PostgreSQL a commit that puts a task in
@@ -24,6 +25,7 @@ from app.core.db import get_engine
 from app.schedules.firing import Scheduler
 from app.tasks.publication import publish_outbox
 from app.tasks.recovery import Recovery, Swept
+from app.tasks.retention import Purged, Retention
 from app.webhooks.delivery import WebhookSender
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 class TickReport:
     published: int = 0
     swept: Swept | None = None  # when this tick ran the recovery sweeps
+    purged: Purged | None = None  # when this tick ran (a slice of) the retention purge
     errors: list[str] = field(default_factory=list)
 
 
@@ -45,6 +48,7 @@ class Dispatcher:
         self._last_sweep = 0.0
         self.recovery = Recovery(settings=settings, celery_app=celery_app, lock=self.lock_rows)
         self.scheduler = Scheduler(settings=settings, celery_app=celery_app, lock=self.lock_rows)
+        self.retention = Retention(settings=settings, engine=engine, lock=self.lock_rows)
         self._stop = threading.Event()
         self.listener = OutboxListener(engine, self._stop) if self.lock_rows else None
         # Webhooks go out from a thread of their own: a slow receiver never delays the outbox.
@@ -62,6 +66,7 @@ class Dispatcher:
             report.errors.extend(report.swept.errors)
         report.errors.extend(self.scheduler.fire_due().errors)
         self._publish_due(report)
+        report.purged = self.retention.tick()
         return report
 
     def _publish_due(self, report: TickReport) -> None:

@@ -24,3 +24,14 @@ class QuotaExceeded(AppError):
     status_code = 429
     code = "quota_exceeded"
     message = "too many unfinished tasks for this API key"
+
+
+class ResultTooLarge(ValueError):
+    """A run's result over TASKDOCK_RESULT_MAX_BYTES: recorded as the task's error (FAILED, not
+    retried), never an HTTP answer."""
+
+    def __init__(self, *, size: int, limit: int) -> None:
+        super().__init__(
+            f"the result is {size:,} bytes of JSON; the limit is {limit:,} bytes "
+            "(TASKDOCK_RESULT_MAX_BYTES): store large data elsewhere and return a reference"
+        )

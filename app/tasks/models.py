@@ -29,6 +29,7 @@ _WAITING = "status IN ('QUEUED', 'RETRYING')"
 _RUNNING = "status = 'RUNNING'"
 # Tasks with a webhook not yet handed to the webhook sender (app/webhooks/delivery.py).
 _NOTIFY_OWED = "notify_url IS NOT NULL AND notified_at IS NULL"
+_FINISHED = "finished_at IS NOT NULL"
 
 
 class Task(Base):
@@ -116,6 +117,15 @@ class Task(Base):
             "lease_expires_at",
             postgresql_where=text(_RUNNING),
             sqlite_where=text(_RUNNING),
+        ),
+        # The retention purge's scan (app.tasks.retention): finished rows only, so a run's
+        # claim and lease writes never touch it; only its final write adds an entry.
+        Index(
+            "ix_task_finished",
+            "status",
+            "finished_at",
+            postgresql_where=text(_FINISHED),
+            sqlite_where=text(_FINISHED),
         ),
     )
 

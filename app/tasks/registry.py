@@ -7,14 +7,16 @@ import os
 import random
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
 from app.core.config import ConfigError, Settings
 from app.core.errors import InvalidInput
+from app.tasks.states import TERMINAL, TaskStatus
 
 InputT = TypeVar("InputT", bound=BaseModel)
 
@@ -93,6 +95,9 @@ class TaskType:
     time_limit: float | None = None
     description: str = ""
     schedules: tuple[ScheduleSpec, ...] = ()
+    # Seconds a finished record of this type is kept, by final status (None: forever); the
+    # statuses not named here follow the TASKDOCK_RETENTION_* settings (app.tasks.retention).
+    retention: Mapping[TaskStatus, float | None] = field(default_factory=dict)
 
     @property
     def max_attempts(self) -> int:
@@ -128,10 +133,15 @@ def task_type(
     retry: RetryPolicy | None = None,
     time_limit: float | None = None,
     schedules: list[ScheduleSpec] | None = None,
+    retention: Mapping[str, timedelta | None] | None = None,
 ) -> Callable[[Callable[[InputT, TaskContext], Any]], Callable[[InputT, TaskContext], Any]]:
     """Register a task type; the function takes the validated input and a TaskContext.
 
-    `schedules` fire it on a cron or an interval with owner "" (see `schedule`)."""
+    `schedules` fire it on a cron or an interval with owner "" (see `schedule`). `retention`
+    keeps this type's finished records for their own time, by final status, e.g.
+    `{"SUCCEEDED": timedelta(hours=1)}` (`None`: kept forever).
+    """
+    kept = retention_periods(name, retention or {})
 
     def register(
         func: Callable[[InputT, TaskContext], Any],
@@ -149,12 +159,34 @@ def task_type(
             queue=queue,
             retry=retry or RetryPolicy(),
             time_limit=time_limit,
+            retention=kept,
             description=(func.__doc__ or "").strip().splitlines()[0] if func.__doc__ else "",
             schedules=tuple(schedules or ()),
         )
         return func
 
     return register
+
+
+def retention_periods(
+    name: str, retention: Mapping[str, timedelta | None]
+) -> dict[TaskStatus, float | None]:
+    """A decorator's `retention` as seconds by final status; a wrong one stops the import."""
+    periods: dict[TaskStatus, float | None] = {}
+    final = ", ".join(sorted(TERMINAL))
+    for key, period in retention.items():
+        try:
+            status = TaskStatus(key)
+        except ValueError:
+            status = None
+        if status is None or status not in TERMINAL:
+            raise ValueError(f"task type {name!r}: retention for {key!r}; use one of {final}")
+        if period is not None and (not isinstance(period, timedelta) or period <= timedelta(0)):
+            raise ValueError(
+                f"task type {name!r}: retention for {key} must be a positive timedelta or None"
+            )
+        periods[status] = None if period is None else period.total_seconds()
+    return periods
 
 
 def get_task_type(name: str) -> TaskType:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from pydantic import BaseModel, TypeAdapter
@@ -96,22 +97,33 @@ async def submit_task(
 async def list_tasks(
     database: DatabaseDep,
     principal: CanRead,
+    response: Response,
     status_: Annotated[TaskStatus | None, Query(alias="status")] = None,
     type_: Annotated[str | None, Query(alias="type", max_length=200, pattern=r"^[^\x00]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
-) -> TaskPage:
-    items, next_cursor = await database.autocommit(
+    include: Annotated[
+        Literal["result"] | None,
+        Query(
+            description="`result`: each item's result and error traceback too; the page then "
+            "ends early once its results pass TASKDOCK_LIST_MAX_BYTES (it has at least one item)."
+        ),
+    ] = None,
+) -> Response:
+    with_results = include == "result"
+    rows, next_cursor = await database.autocommit(
         service.list_tasks,
         owner=owner_filter(principal),
         status=status_,
         type_=type_,
         limit=limit,
         cursor=cursor,
+        include_result=with_results,
+        max_bytes=database.settings.list_max_bytes,
     )
-    return TaskPage(
-        items=[TaskRead.model_validate(task) for task in items], next_cursor=next_cursor
-    )
+    items = b",".join(task_json(row, with_result=with_results) for row in rows)
+    cursor_json = json.dumps(next_cursor).encode()
+    return json_response(b'{"items":[%s],"next_cursor":%s}' % (items, cursor_json), response)
 
 
 @router.api_route("/tasks/cancel", methods=["GET"], include_in_schema=False)
@@ -141,7 +153,29 @@ async def get_task(
     )
     if row is None:
         raise TaskNotFound(task_id=str(task_id))
-    return json_response(TaskRead.model_validate(dict(row)), response)
+    return json_response(task_json(dict(row)), response)
+
+
+_LEFT_OUT: dict[str, Any] = {"result": True}
+# List items without results leave out the traceback too.
+_LEFT_OUT_OF_ITEMS: dict[str, Any] = {"result": True, "error": {"traceback": True}}
+
+
+def task_json(row: dict[str, Any], *, with_result: bool = True) -> bytes:
+    """A task's answer from its row, whose `result` is JSON text (service.RESULT_TEXT).
+
+    That text goes into the answer as it is, never decoded: decoding and encoding a result again
+    cost the event loop time in proportion to its size (a thread would not help, the GIL stays
+    held), and every other request waited that long. The record holds only valid JSON.
+    """
+    raw: str | None = row.pop("result", None)
+    body = TaskRead.__pydantic_serializer__.to_json(
+        TaskRead.model_validate(row), exclude=_LEFT_OUT if with_result else _LEFT_OUT_OF_ITEMS
+    )
+    if not with_result:
+        return body
+    result = b"null" if raw is None else raw.encode()
+    return b'%s,"result":%s}' % (body[:-1], result)
 
 
 _BULK_RESPONSES: dict[int | str, dict[str, Any]] = {

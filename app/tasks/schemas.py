@@ -79,7 +79,9 @@ class TaskCreate(BaseModel):
 class TaskError(BaseModel):
     type: str
     message: str
-    traceback: str | None = None
+    traceback: str | None = Field(
+        default=None, description="Left out of list items unless `include=result`."
+    )
 
 
 class TaskRead(BaseModel):
@@ -95,7 +97,11 @@ class TaskRead(BaseModel):
     max_attempts: int
     deliveries: int = Field(description="Times the current attempt was handed to a worker.")
     worker: str | None = Field(default=None, description="The worker process of the latest run.")
-    result: Any | None = None
+    result: Any | None = Field(
+        default=None,
+        description="What the task returned (its JSON at most TASKDOCK_RESULT_MAX_BYTES). "
+        "Left out of list items unless `include=result`.",
+    )
     error: TaskError | None = None
     idempotency_key: str | None = None
     run_after: datetime

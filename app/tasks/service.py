@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from pydantic import ValidationError
-from sqlalchemy import Select, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import Select, Table, Text, and_, bindparam, func, or_, select, update
+from sqlalchemy import cast as cast_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -226,15 +227,20 @@ def get(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
     return task
 
 
+# A result as its JSON text, not decoded by the driver: the API puts it into its answer as it is
+# (app.tasks.router.task_json), and a list measures it before loading it.
+RESULT_TEXT = cast_(_TABLE.c.result, Text).label("result")
+
 # The hot read, built once: the columns TaskRead shows, by id, optionally limited to an owner.
-_READ = select(*(_TABLE.c[name] for name in TaskRead.model_fields)).where(
-    _TABLE.c.id == bindparam("task_id")
-)
+_READ = select(
+    *(RESULT_TEXT if name == "result" else _TABLE.c[name] for name in TaskRead.model_fields)
+).where(_TABLE.c.id == bindparam("task_id"))
 _READ_OWNED = _READ.where(_TABLE.c.owner == bindparam("owner"))
 
 
 def read_statement(*, task_id: uuid.UUID, owner: str | None) -> tuple[Select[Any], dict[str, Any]]:
-    """`get` as a Core statement and its parameters, for `Database.fetch_one`."""
+    """`get` as a Core statement and its parameters, for `Database.fetch_one`; the row's
+    `result` is JSON text (`RESULT_TEXT`)."""
     if owner is None:
         return _READ, {"task_id": task_id}
     return _READ_OWNED, {"task_id": task_id, "owner": owner}
@@ -256,8 +262,8 @@ def list_runs(*, session: Session, task_id: uuid.UUID, owner: str | None) -> lis
     )
 
 
-def encode_cursor(task: Task) -> str:
-    raw = f"{task.created_at.isoformat()}|{task.id}".encode()
+def encode_cursor(created_at: datetime, task_id: uuid.UUID) -> str:
+    raw = f"{created_at.isoformat()}|{task_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -276,6 +282,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         ) from None
 
 
+# A list item's columns: TaskRead's, but for the result, read only when asked for.
+_LISTED = [_TABLE.c[name] for name in TaskRead.model_fields if name != "result"]
+
+
+def _result_size(session: Session) -> Any:
+    """A result's size in bytes, measured by the database without sending it."""
+    text = cast_(_TABLE.c.result, Text)
+    if session.get_bind().dialect.name == "postgresql":
+        return func.coalesce(func.octet_length(text), 0)
+    return func.coalesce(func.length(text), 0)  # ASCII-only JSON (app.core.db.json_dumps)
+
+
 def list_tasks(
     *,
     session: Session,
@@ -284,27 +302,53 @@ def list_tasks(
     type_: str | None,
     limit: int,
     cursor: str | None,
-) -> tuple[list[Task], str | None]:
-    """A page, newest first, by keyset on (created_at, id) so pages never shift."""
-    query = select(Task)
+    include_result: bool = False,
+    max_bytes: int = 0,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of rows for TaskRead, newest first, by keyset on (created_at, id) so pages never
+    shift. Without `include_result` no result is read; with it, each row's `result` is its JSON
+    text (`RESULT_TEXT`), and the page ends early once its results pass `max_bytes` (it always
+    has its first row)."""
+    c = _TABLE.c
+    columns = [*_LISTED, _result_size(session).label("result_size")] if include_result else _LISTED
+    query = select(*columns)
     if owner is not None:
-        query = query.where(Task.owner == owner)
+        query = query.where(c.owner == owner)
     if status is not None:
-        query = query.where(Task.status == status)
+        query = query.where(c.status == status)
     if type_ is not None:
-        query = query.where(Task.type == type_)
+        query = query.where(c.type == type_)
     if cursor is not None:
         created_at, task_id = decode_cursor(cursor)
         query = query.where(
-            or_(
-                Task.created_at < created_at, and_(Task.created_at == created_at, Task.id < task_id)
-            )
+            or_(c.created_at < created_at, and_(c.created_at == created_at, c.id < task_id))
         )
-    rows = list(
-        session.scalars(query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1))
-    )
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    found = session.execute(query.order_by(c.created_at.desc(), c.id.desc()).limit(limit + 1))
+    rows = [dict(row) for row in found.mappings()]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if include_result and rows:
+        rows, cut = _within(rows, max_bytes)
+        more = more or cut
+        chosen = select(c.id, RESULT_TEXT).where(c.id.in_([row["id"] for row in rows]))
+        texts: dict[uuid.UUID, str | None] = dict(session.execute(chosen).all())
+        for row in rows:
+            row["result"] = texts.get(row["id"])
+    next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    return rows, next_cursor
+
+
+def _within(rows: list[dict[str, Any]], budget: int) -> tuple[list[dict[str, Any]], bool]:
+    """The first rows whose results fit in `budget` bytes (the first row always), and whether
+    some were left out."""
+    kept: list[dict[str, Any]] = []
+    for row in rows:
+        size = int(row.pop("result_size"))
+        if kept and size > budget:
+            return kept, True
+        budget -= size
+        kept.append(row)
+    return kept, False
 
 
 def cancel(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:

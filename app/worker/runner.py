@@ -24,10 +24,11 @@ from sqlalchemy.exc import (
 
 from app.core import metrics
 from app.core.config import Settings
-from app.core.db import statement_scope
+from app.core.db import EncodedJSON, json_dumps, statement_scope
 from app.core.logging import log_context
 from app.db.base import utcnow
 from app.tasks import lifecycle, recovery
+from app.tasks.exceptions import ResultTooLarge
 from app.tasks.registry import TaskContext, TaskType, UnknownTaskType, get_task_type
 from app.tasks.states import TaskStatus
 
@@ -217,10 +218,15 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
         logger.info("result discarded: the run lost its lease")
         return _ENDED[Outcome.LOST]
     try:
-        result = task_type.dump_result(value)
+        result = encode_result(task_type.dump_result(value), limit=settings.result_max_bytes)
         written = _write_outcome(
             lambda session: lifecycle.succeed(session=session, claim=claim, result=result),
             patience=settings.task_lease_seconds,
+        )
+    except ResultTooLarge as exc:
+        # The same code would return the same result: final at once, whatever the retry policy.
+        return _record_failure(
+            claim=claim, exc=exc, task_type=None, patience=settings.task_lease_seconds
         )
     except (StatementError, TypeError, ValueError) as exc:
         # A result its output model refuses (pydantic's ValidationError is a ValueError), or one
@@ -241,6 +247,17 @@ def _run(*, claim: lifecycle.Claim, settings: Settings) -> Ended:
         return _ENDED[Outcome.LOST]
     logger.info("task succeeded")
     return _ENDED[Outcome.SUCCEEDED]
+
+
+def encode_result(result: Any, *, limit: int) -> EncodedJSON | None:
+    """The result's JSON, made here once (the write sends it as it is) to measure it against
+    `limit` bytes; ResultTooLarge past it. ValueError or TypeError for what JSON cannot hold."""
+    if result is None:
+        return None  # written as before: no value
+    encoded = EncodedJSON(json_dumps(result))
+    if len(encoded) > limit:  # ASCII-only JSON: characters are bytes
+        raise ResultTooLarge(size=len(encoded), limit=limit)
+    return encoded
 
 
 T = TypeVar("T")

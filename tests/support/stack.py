@@ -45,6 +45,7 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
             "TASKDOCK_DISPATCHER_HEARTBEAT_FILE": str(data_dir / "dispatcher.heartbeat"),
             "TASKDOCK_METRICS_DIR": str(data_dir / "metrics"),
             "TASKDOCK_WORKER_METRICS_PORT": "0",
+            "TASKDOCK_DISPATCHER_METRICS_PORT": "0",
             "TASKDOCK_AUTH_ENABLED": "false",
             "TASKDOCK_TASK_HARD_LIMIT_GRACE": "2",
             # The suite submits far faster than a client should; the limit tests set their own.

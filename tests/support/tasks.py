@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel, ConfigDict
@@ -123,3 +124,23 @@ class FetchedRecord(BaseModel):
 def validates_fetched(payload: BadOutputInput, ctx: TaskContext) -> None:
     """Validates data it fetched, which is wrong: its own ValidationError, retried by policy."""
     FetchedRecord.model_validate({"count": "many"})
+
+
+class BigResultInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int
+
+
+@task_type("tests.big_result", input=BigResultInput)
+def big_result(payload: BigResultInput, ctx: TaskContext) -> dict[str, str]:
+    """Returns a result whose JSON is `size` bytes and a few more."""
+    return {"data": "x" * payload.size}
+
+
+@task_type(
+    "tests.short_lived",
+    input=CrashInput,
+    retention={"SUCCEEDED": timedelta(hours=1), "FAILED": None},
+)
+def short_lived(payload: CrashInput, ctx: TaskContext) -> None:
+    """Keeps its own retention: SUCCEEDED records for an hour, FAILED ones forever."""
