@@ -6,7 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, Enum, Index, Integer, String, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Enum,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, UTCDateTime, utcnow
@@ -59,6 +69,9 @@ class Task(Base):
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set by migration 0009's trigger at every status change, from one increasing sequence:
+    # the event id of app/tasks/events.py. Never written by the application.
+    change_seq: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
@@ -69,6 +82,8 @@ class Task(Base):
         Index("ix_task_owner_created", "owner", "created_at", "id"),
         Index("ix_task_owner_status_created", "owner", "status", "created_at", "id"),
         Index("ix_task_owner_type_created", "owner", "type", "created_at", "id"),
+        # The event stream's replay after a Last-Event-ID (app/tasks/events.py).
+        Index("ix_task_owner_change_seq", "owner", "change_seq"),
         # The dispatcher's outbox scan and the reaper's lease scan touch only these rows.
         Index(
             "ix_task_outbox",

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import uuid
-from functools import lru_cache
+from collections.abc import AsyncIterator
+from functools import lru_cache, partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from pydantic import BaseModel, TypeAdapter
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, Field, TypeAdapter
 
 from app.api.deps import API_V1, Database, DatabaseDep, SubmitterDep
 from app.api.middleware import current_request_id
 from app.auth.dependencies import CanRead, CanSubmit, owner_filter
 from app.core import metrics
 from app.core.errors import described
-from app.tasks import service
+from app.tasks import events, service
 from app.tasks.exceptions import TaskNotFound
 from app.tasks.registry import all_task_types, registry_version
 from app.tasks.schemas import TaskCreate, TaskPage, TaskRead, TaskTypeRead
@@ -107,19 +109,80 @@ async def list_tasks(
     responses={404: described("No such task")},
 )
 async def get_task(
-    task_id: uuid.UUID, request: Request, principal: CanRead, response: Response
+    task_id: uuid.UUID,
+    request: Request,
+    principal: CanRead,
+    response: Response,
+    wait: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=60,
+            description="Answer as soon as the task is final, or after this many seconds "
+            "with the record as it is then.",
+        ),
+    ] = None,
 ) -> Response:
     # The hottest route: one prepared SELECT and the JSON made once by Pydantic's serializer,
     # not an ORM object validated, turned into a dict and encoded again by FastAPI; and as few
     # dependencies as FastAPI allows (each costs a node to solve), so the database is taken
     # from the app's state rather than from DatabaseDep.
     database: Database = request.app.state.database
-    row = await database.fetch_one(
-        *service.read_statement(task_id=task_id, owner=owner_filter(principal))
-    )
+    owner = owner_filter(principal)
+    statement = service.read_statement(task_id=task_id, owner=owner)
+    if wait is None:
+        row = await database.fetch_one(*statement)
+    else:
+        row = await events.wait_for_final(
+            hub=request.app.state.events,
+            task_id=task_id,
+            key=(task_id, owner),
+            seconds=wait,
+            read=partial(database.fetch_one, *statement),
+        )
     if row is None:
         raise TaskNotFound(task_id=str(task_id))
     return json_response(TaskRead.model_validate(dict(row)), response)
+
+
+@router.get(
+    "/events",
+    response_class=EventSourceResponse,
+    summary="Task state changes as Server-Sent Events",
+    responses={422: described("Invalid filter or Last-Event-ID")},
+)
+async def task_events(
+    request: Request,
+    principal: CanRead,
+    task_id: Annotated[list[uuid.UUID] | None, Query(max_length=100)] = None,
+    type_: Annotated[
+        list[Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]] | None,
+        Query(alias="type", max_length=100),
+    ] = None,
+    status_: Annotated[list[TaskStatus] | None, Query(alias="status")] = None,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            description="Replay the tasks changed after this event, then go on live.",
+        ),
+    ] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    # Each filter may be repeated; a change matches when it matches one value of each given.
+    where = events.EventFilter(
+        owner=owner_filter(principal),
+        task_ids=frozenset(task_id or ()),
+        types=frozenset(type_ or ()),
+        statuses=frozenset(status_ or ()),
+    )
+    async for event in events.stream(
+        hub=request.app.state.events,
+        where=where,
+        last_event_id=last_event_id,
+        heartbeat=request.app.state.settings.events_heartbeat_seconds,
+    ):
+        yield event
 
 
 def json_response(
