@@ -165,6 +165,7 @@ async def task_events(
         Header(
             alias="Last-Event-ID",
             ge=0,
+            le=2**63 - 1,  # a BIGINT, as task.change_seq
             description="Replay the tasks changed after this event, then go on live.",
         ),
     ] = None,
