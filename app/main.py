@@ -26,6 +26,7 @@ from app.core.config import Settings, get_settings, warn_unknown_variables
 from app.core.db import configure
 from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
+from app.tasks.events import EventHub
 from app.tasks.publication import Publisher, Submitter
 from app.tasks.registry import load_task_modules
 from app.webhooks.metrics import DeliveryCollector
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.warning("authentication is OFF: anyone who reaches the API can use it")
         yield
         app.state.publisher.close()
+        await app.state.events.close()
         await app.state.database.close()
 
     docs = settings.docs_on
@@ -66,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.celery_app = celery_app
     app.state.database = Database(settings=settings)
+    app.state.events = EventHub(settings=settings, run=app.state.database.autocommit)
     app.state.publisher = Publisher(celery_app, timeout=settings.publish_timeout)
     app.state.submitter = Submitter(
         settings=settings, database=app.state.database, publisher=app.state.publisher

@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     api_key_cache_seconds: Annotated[float, Field(ge=0, le=300)] = 5.0
     """How long each API process trusts a key it has checked; a revoked key is refused within
     this time (`0`: every request reads the key from the database)."""
+    events_heartbeat_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
+    """Seconds between heartbeat comments on an idle `/api/v1/events` stream, so proxies keep it
+    open and clients notice a dead one."""
+    events_poll_interval: Annotated[float, Field(ge=0.05, le=5)] = 0.25
+    """SQLite: seconds between the API's looks for task changes while someone waits or streams
+    (PostgreSQL is told at once by LISTEN/NOTIFY)."""
     bootstrap_api_key: SecretStr | None = None
     """Registered with the admin scope by `taskdock migrate`: a new deployment's first key."""
 

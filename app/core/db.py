@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row, namedtuple_row
-from sqlalchemy import Connection, Dialect, Engine, create_engine, event, text
+from sqlalchemy import Connection, Dialect, Engine, create_engine, event, make_url, text
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.exc import DBAPIError, DisconnectionError, MultipleResultsFound
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -294,6 +294,13 @@ def _connect_args(role: str) -> dict[str, Any]:
         "keepalives_count": 2,
         **_ROLE_OPTIONS.get(role, {}),
     }
+
+
+def listen_connection(settings: Settings, *, role: str) -> tuple[str, dict[str, Any]]:
+    """The libpq URL and options of a process's own LISTEN connection, outside any pool,
+    named `taskdock-<role>` in the database's connection list as the pools' are."""
+    url = make_url(settings.sqlalchemy_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False), _connect_args(role)
 
 
 # A connection back in the pool for less than this is not pinged before its next use. A ping is

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     CheckConstraint,
     Enum,
     ForeignKey,
@@ -81,6 +82,9 @@ class Task(Base):
         ForeignKey("schedule.id", ondelete="SET NULL")
     )
     schedule_slot: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set by migration 0010's trigger at every status change, from one increasing sequence:
+    # the event id of app/tasks/events.py. Never written by the application.
+    change_seq: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
@@ -93,6 +97,8 @@ class Task(Base):
         Index("ix_task_owner_type_created", "owner", "type", "created_at", "id"),
         # A unique index, not a constraint: SQLite cannot add a constraint to a table.
         Index("ix_task_schedule_slot", "schedule_id", "schedule_slot", unique=True),
+        # The event stream's replay after a Last-Event-ID (app/tasks/events.py).
+        Index("ix_task_owner_change_seq", "owner", "change_seq"),
         # The dispatcher's outbox scan and the reaper's lease scan touch only these rows.
         Index(
             "ix_task_outbox",

@@ -14,7 +14,7 @@
   each batch its own short transaction, so no lock is held for long and the API and workers
   never wait behind a purge. On PostgreSQL a batch is chosen `FOR UPDATE SKIP LOCKED`: several
   dispatchers share the work, and a row a cancel or retry holds is left for the next look. The
-  scan reads only `ix_task_finished` (status, finished_at; finished rows only, migration 0008).
+  scan reads only `ix_task_finished` (status, finished_at; finished rows only, migration 0009).
 - **Who.** The dispatcher's tick calls `Retention.tick()`: a purge every
   `TASKDOCK_RETENTION_INTERVAL` seconds, each tick deleting for at most `SLICE_SECONDS` so the
   outbox keeps its pace; a purge with more left goes on at the next tick. `taskdock purge`

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from functools import lru_cache
+from collections.abc import AsyncIterator
+from functools import lru_cache, partial
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
-from pydantic import BaseModel, TypeAdapter
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BaseModel, Field, TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.deps import API_V1, Database, DatabaseDep, SubmitterDep
@@ -17,7 +19,7 @@ from app.api.middleware import current_request_id
 from app.auth.dependencies import CanRead, CanSubmit, owner_filter
 from app.core import metrics
 from app.core.errors import described
-from app.tasks import bulk, service
+from app.tasks import bulk, events, service
 from app.tasks.exceptions import TaskNotFound
 from app.tasks.registry import all_task_types, registry_version
 from app.tasks.schemas import (
@@ -141,16 +143,37 @@ async def bulk_routes_take_post() -> None:
     responses={404: described("No such task")},
 )
 async def get_task(
-    task_id: uuid.UUID, request: Request, principal: CanRead, response: Response
+    task_id: uuid.UUID,
+    request: Request,
+    principal: CanRead,
+    response: Response,
+    wait: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=60,
+            description="Answer as soon as the task is final, or after this many seconds "
+            "with the record as it is then.",
+        ),
+    ] = None,
 ) -> Response:
     # The hottest route: one prepared SELECT and the JSON made once by Pydantic's serializer,
     # not an ORM object validated, turned into a dict and encoded again by FastAPI; and as few
     # dependencies as FastAPI allows (each costs a node to solve), so the database is taken
     # from the app's state rather than from DatabaseDep.
     database: Database = request.app.state.database
-    row = await database.fetch_one(
-        *service.read_statement(task_id=task_id, owner=owner_filter(principal))
-    )
+    owner = owner_filter(principal)
+    statement = service.read_statement(task_id=task_id, owner=owner)
+    if wait is None:
+        row = await database.fetch_one(*statement)
+    else:
+        row = await events.wait_for_final(
+            hub=request.app.state.events,
+            task_id=task_id,
+            key=(task_id, owner),
+            seconds=wait,
+            read=partial(database.fetch_one, *statement),
+        )
     if row is None:
         raise TaskNotFound(task_id=str(task_id))
     return json_response(task_json(dict(row)), response)
@@ -223,6 +246,60 @@ async def list_task_runs(task_id: uuid.UUID, database: DatabaseDep, principal: C
         service.list_runs, task_id=task_id, owner=owner_filter(principal)
     )
     return TaskRuns(task_id=task_id, items=[TaskRunRead.model_validate(run) for run in runs])
+
+
+async def stream_start(
+    request: Request,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            le=2**63 - 1,  # a BIGINT, as task.change_seq
+            description="Replay the tasks changed after this event, then go on live.",
+        ),
+    ] = None,
+) -> int:
+    """Where a stream starts: after Last-Event-ID, or after the newest change when the request
+    came. Read here, before the answer starts: the body of a stream runs only once its 200 has
+    gone out, and a change the client makes on seeing that 200 must not fall before the start."""
+    if last_event_id is not None:
+        return last_event_id
+    hub: events.EventHub = request.app.state.events
+    return int(await hub.run(events.head))
+
+
+@router.get(
+    "/events",
+    response_class=EventSourceResponse,
+    summary="Task state changes as Server-Sent Events",
+    responses={422: described("Invalid filter or Last-Event-ID")},
+)
+async def task_events(
+    request: Request,
+    principal: CanRead,
+    after: Annotated[int, Depends(stream_start)],
+    task_id: Annotated[list[uuid.UUID] | None, Query(max_length=100)] = None,
+    type_: Annotated[
+        list[Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]] | None,
+        Query(alias="type", max_length=100),
+    ] = None,
+    status_: Annotated[list[TaskStatus] | None, Query(alias="status")] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    # Each filter may be repeated; a change matches when it matches one value of each given.
+    where = events.EventFilter(
+        owner=owner_filter(principal),
+        task_ids=frozenset(task_id or ()),
+        types=frozenset(type_ or ()),
+        statuses=frozenset(status_ or ()),
+    )
+    async for event in events.stream(
+        hub=request.app.state.events,
+        where=where,
+        after=after,
+        heartbeat=request.app.state.settings.events_heartbeat_seconds,
+    ):
+        yield event
 
 
 def json_response(
