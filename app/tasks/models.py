@@ -69,6 +69,16 @@ class Task(Base):
         Index("ix_task_owner_created", "owner", "created_at", "id"),
         Index("ix_task_owner_status_created", "owner", "status", "created_at", "id"),
         Index("ix_task_owner_type_created", "owner", "type", "created_at", "id"),
+        # The console as an admin sees it: every owner's tasks, newest first or by status, and
+        # what finished in the last hour (its overview's chart).
+        Index("ix_task_created", "created_at", "id"),
+        Index("ix_task_status_created", "status", "created_at", "id"),
+        Index(
+            "ix_task_finished",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL"),
+            sqlite_where=text("finished_at IS NOT NULL"),
+        ),
         # The dispatcher's outbox scan and the reaper's lease scan touch only these rows.
         Index(
             "ix_task_outbox",
