@@ -535,6 +535,7 @@ async def submit(request: Request, session: SessionDep) -> Response:
             payload=payload_of(fields, form),
             priority=form.get("priority") or 0,
             queue=form.get("queue") or None,
+            countdown=form.get("countdown") or None,
         )
         submitter: Submitter = request.app.state.submitter
         record, created = await submitter.submit(
