@@ -281,8 +281,8 @@ async def live_overview(request: Request, session: SessionDep) -> Response:
 @router.get("/chart.svg")
 async def chart(request: Request, session: SessionDep) -> Response:
     principal = await allow(request, session, Scope.READ, "read")
-    view = await read_overview(request, principal)
-    body = templates.get_template("chart.svg").render(**chart_geometry(view.chart))
+    series = await database(request).autocommit(queries.chart, owner=owner_filter(principal))
+    body = templates.get_template("chart.svg").render(**chart_geometry(series))
     return Response(body, media_type="image/svg+xml")
 
 
