@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import InvalidInput
 from app.db.base import utcnow
+from app.tasks import service
 from app.tasks.models import Task
 from app.tasks.service import decode_cursor
 from app.tasks.states import WAITING, TaskStatus
@@ -252,6 +253,5 @@ def overview(
 
 
 def task_detail(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
-    from app.tasks import service
-
+    """A task by id as the API reads it: another owner's is TaskNotFound (404)."""
     return service.get(session=session, task_id=task_id, owner=owner)

@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
@@ -172,7 +173,12 @@ def page(request: Request, name: str, session: Session, **context: Any) -> Respo
 async def static(name: str) -> Response:
     if name not in STATIC:
         return Response("not found", status_code=404, media_type="text/plain")
-    return Response((HERE / "static" / name).read_bytes(), media_type=STATIC[name])
+    return Response(static_file(name), media_type=STATIC[name])
+
+
+@cache
+def static_file(name: str) -> bytes:
+    return (HERE / "static" / name).read_bytes()
 
 
 # Login and logout
@@ -186,16 +192,15 @@ async def login_form(request: Request) -> Response:
 
 
 def login_page(request: Request, *, error: str | None, status: int) -> Response:
+    store = sessions(request)
+    nonce, token = store.login_token()
     response = templates.TemplateResponse(
-        request, "login.html", {"error": error, "session": None, "token": ""}, status_code=status
+        request,
+        "login.html",
+        {"error": error, "session": None, "token": token},
+        status_code=status,
     )
-    token = sessions(request).login_token(response, request)
-    # The token goes in the page, made before the cookie: render again with it.
-    body = templates.get_template("login.html").render(
-        request=request, error=error, session=None, token=token
-    )
-    response.body = body.encode()
-    response.headers["content-length"] = str(len(response.body))
+    store.login_cookie(response, request, nonce)
     return response
 
 

@@ -126,9 +126,13 @@ class Sessions:
             self.cache.put(key_id, principal)
         return Session(principal=principal, csrf=csrf)
 
-    def login_token(self, response: Response, request: Request) -> str:
-        """The login form's token, bound to a short-lived cookie (double submit)."""
+    def login_token(self) -> tuple[str, str]:
+        """The login form's (nonce, token): the nonce goes in a short-lived cookie
+        (`login_cookie`), the token, signed over it, in the form (double submit)."""
         nonce = secrets.token_urlsafe(24)
+        return nonce, self.login_signer.dumps(nonce)
+
+    def login_cookie(self, response: Response, request: Request, nonce: str) -> None:
         response.set_cookie(
             LOGIN_COOKIE,
             nonce,
@@ -138,7 +142,6 @@ class Sessions:
             samesite="strict",
             secure=request.url.scheme == "https",
         )
-        return self.login_signer.dumps(nonce)
 
     def check_login_token(self, request: Request, token: str) -> None:
         nonce = request.cookies.get(LOGIN_COOKIE, "")
