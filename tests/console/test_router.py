@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import re
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.console.conftest import Keys, hidden, login
@@ -224,11 +225,23 @@ def test_list_filters_count_and_pages(app_client: TestClient, keys: Keys) -> Non
     assert sum(1 for key in live if key.endswith(":status")) == 50
 
 
-def test_counts_stop_at_their_bound(app_client: TestClient, keys: Keys) -> None:
+def test_counts_stop_at_their_bound(
+    app_client: TestClient, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.console import queries
 
-    assert str(queries.Count(1000, True)) == "1000+"
-    assert str(queries.Count(7, False)) == "7"
+    # The bounds are 1,000 and 10,000; seven tasks over a bound of five show the same logic.
+    monkeypatch.setattr(queries, "COUNT_LIMIT", 5)
+    monkeypatch.setattr(queries, "STATUS_COUNT_LIMIT", 5)
+    for _ in range(7):
+        api_submit(app_client, keys.alice, {"seconds": 1}, countdown=600)
+    login(app_client, keys.alice)
+    assert re.search(
+        r'id="count" data-live-key="count">5\+<', app_client.get("/console/tasks").text
+    )
+    live = app_client.get("/console/live/overview").json()
+    assert live["status:QUEUED"] == "5+"
+    assert live["status:FAILED"] == "0"
 
 
 def test_overview_and_chart(app_client: TestClient, keys: Keys) -> None:
