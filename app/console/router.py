@@ -405,12 +405,25 @@ async def tasks(request: Request, session: SessionDep) -> Response:
 async def live_tasks(request: Request, session: SessionDep) -> Response:
     principal = await allow(request, session, Scope.READ, "read")
     _, rows, _, count = await read_page(request, principal)
-    values = {"count": str(count)}
-    for row in rows:
-        values[f"task:{row.id}:status"] = row.status.value
-        values[f"task:{row.id}:attempt"] = f"{row.attempt}/{row.max_attempts}"
-        values[f"task:{row.id}:finished"] = when(row.finished_at)
-    return JSONResponse(values)
+    # The page's rows as text, which the script lays out again (new tasks appear at the top).
+    return JSONResponse(
+        {
+            "count": str(count),
+            "rows": [
+                {
+                    "id": str(row.id),
+                    "type": row.type,
+                    "status": row.status.value,
+                    "queue": row.queue,
+                    "attempt": f"{row.attempt}/{row.max_attempts}",
+                    "idempotency_key": row.idempotency_key or "",
+                    "created": when(row.created_at),
+                    "finished": when(row.finished_at),
+                }
+                for row in rows
+            ],
+        }
+    )
 
 
 async def read_task(request: Request, principal: Principal, task_id: uuid.UUID) -> TaskRead:

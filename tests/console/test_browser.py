@@ -251,6 +251,27 @@ def test_filter_and_page_through_500_tasks(page: Any, console: Console) -> None:
             assert api.get(f"/api/v1/tasks/{tid}").json()["payload"]["seconds"] == 1
 
 
+def test_the_list_shows_new_tasks_and_their_progress_without_a_reload(
+    page: Any, console: Console
+) -> None:
+    login(page, console, console.alice)
+    page.goto(f"{console.base}/console/tasks?type=sleep")
+    page.evaluate("window.__same_page = true")
+    with console.api(console.alice) as api:
+        answer = api.post("/api/v1/tasks", json={"type": "sleep", "payload": {"seconds": 1}})
+        tid = answer.json()["id"]
+    row = page.locator(f'#task-list tr[data-task="{tid}"]')
+    row.wait_for()
+    assert page.locator("#task-list tbody tr").first.get_attribute("data-task") == tid
+    page.wait_for_function(
+        "(id) => { const r = document.querySelector(`tr[data-task='${id}'] .status`);"
+        " return r && r.textContent === 'SUCCEEDED'; }",
+        arg=tid,
+        timeout=30_000,
+    )
+    assert page.evaluate("window.__same_page") is True
+
+
 def test_hostile_text_is_shown_inert(page: Any, console: Console) -> None:
     effects: list[str] = []
     page.on("dialog", lambda dialog: (effects.append(dialog.message), dialog.dismiss()))
