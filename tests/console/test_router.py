@@ -259,6 +259,25 @@ def test_overview_and_chart(app_client: TestClient, keys: Keys) -> None:
     assert chart.headers["content-type"].startswith("image/svg+xml")
     assert chart.text.startswith("<svg")
     assert "0 succeeded, 0 failed" in chart.text
+    from sqlalchemy import update
+
+    from app.core.db import session_scope
+    from app.db.base import utcnow
+    from app.tasks.models import Task
+    from app.tasks.states import TaskStatus
+
+    with session_scope() as session:
+        session.execute(update(Task).values(status=TaskStatus.FAILED, finished_at=utcnow()))
+    assert "0 succeeded, 1 failed" in app_client.get("/console/chart.svg").text
+    # Another owner's finished task is not in alice's chart.
+    api_submit(app_client, keys.bob, {"seconds": 1}, countdown=600)
+    with session_scope() as session:
+        session.execute(
+            update(Task)
+            .where(Task.status == TaskStatus.QUEUED)
+            .values(status=TaskStatus.SUCCEEDED, finished_at=utcnow())
+        )
+    assert "0 succeeded, 1 failed" in app_client.get("/console/chart.svg").text
 
 
 def test_types_page_shows_schemas_and_policies(app_client: TestClient, keys: Keys) -> None:
@@ -293,6 +312,21 @@ def test_auth_off_needs_no_login_and_sqlite_refuses_containment(
         ).status_code
         == 403
     )
+    for path in ("/console", "/console/live/overview", "/console/chart.svg", "/console/types"):
+        assert embedded_client.get(path).status_code == 200, path
+    # The chart's per-minute buckets on SQLite's text timestamps.
+    from sqlalchemy import update
+
+    from app.core.db import session_scope
+    from app.db.base import utcnow
+    from app.tasks.models import Task
+    from app.tasks.states import TaskStatus
+
+    with session_scope() as session:
+        session.execute(
+            update(Task).values(status=TaskStatus.SUCCEEDED, finished_at=utcnow(), attempt=1)
+        )
+    assert "1 succeeded, 0 failed" in embedded_client.get("/console/chart.svg").text
     refused = embedded_client.get("/console/tasks", params={"contains": '{"seconds": 0}'})
     assert refused.status_code == 422
     assert "PostgreSQL" in refused.text
