@@ -20,6 +20,7 @@ from app.api.middleware import Guard, RequestMiddleware
 from app.api.ratelimit import RateLimiter
 from app.api.router import api_router
 from app.auth.service import KeyCache
+from app.console.router import mount as mount_console
 from app.core import metrics
 from app.core.celery import create_celery_app
 from app.core.config import Settings, get_settings, warn_unknown_variables
@@ -101,6 +102,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
+    # HTML pages with their own session and error pages, outside the /api JSON handling.
+    mount_console(app)
     return app
 
 

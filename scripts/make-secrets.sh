@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the compose stack's secret files with random values, keeping any that already exist:
-# the database and Redis passwords, the bootstrap admin API key, and the Grafana and Flower
-# passwords.
+# the database and Redis passwords, the bootstrap admin API key, the console's session key, the
+# webhooks' signing keys, and the Grafana and Flower passwords.
 #
 # Usage: scripts/make-secrets.sh [DIR]   (default: deploy/secrets, which git ignores)
 # The directory is private to its owner (0700); the files are readable (0444) because compose
@@ -9,8 +9,8 @@
 set -euo pipefail
 
 DIR="${1:-$(dirname "$0")/../deploy/secrets}"
-NAMES=(taskdock_database_password taskdock_broker_password taskdock_bootstrap_api_key grafana_admin_password
-    flower_password)
+NAMES=(taskdock_database_password taskdock_broker_password taskdock_bootstrap_api_key taskdock_console_secret
+    taskdock_webhook_secret taskdock_webhook_anonymous_secret grafana_admin_password flower_password)
 
 random_text() { head -c "$1" /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'; }
 

@@ -1,9 +1,9 @@
 """The docs' curl examples run: every page's ```sh blocks, in order, against a live stack.
 
-A ```sh block runs when it uses "$TASKDOCK_URL", or when its page says `<!-- examples: run -->`
-(the `taskdock tasks` commands read the variable themselves). A page's blocks run as one script
-(`set -euo pipefail`, so a failing `curl -fsS` fails the page) against PostgreSQL, Redis, a
-worker, a dispatcher and an API with auth on, holding a key with every scope in
+A page's ```sh blocks run when one of them uses "$TASKDOCK_URL", or when the page says
+`<!-- examples: run -->` (the `taskdock tasks` commands read the variable themselves). They run
+as one script (`set -euo pipefail`, so a failing `curl -fsS` fails the page) against PostgreSQL,
+Redis, a worker, a dispatcher and an API with auth on, holding a key with every scope in
 $TASKDOCK_API_KEY. Webhook receivers on this machine's loopback are allowed.
 """
 
@@ -27,8 +27,10 @@ _RUN_ALL = "<!-- examples: run -->"
 
 
 def examples(page: Path) -> list[str]:
-    text = page.read_text()
-    return [block for block in _BLOCK.findall(text) if _RUN_ALL in text or "$TASKDOCK_URL" in block]
+    blocks: list[str] = _BLOCK.findall(page.read_text())
+    # A block may set up what the next ones use (a receiver, a variable): a page runs whole.
+    runs = _RUN_ALL in page.read_text() or any("$TASKDOCK_URL" in block for block in blocks)
+    return blocks if runs else []
 
 
 PAGES = sorted(str(page.relative_to(DOCS)) for page in DOCS.rglob("*.md") if examples(page))

@@ -1,7 +1,8 @@
 """Where the versioned API is assembled: every route below needs an API key.
 
 Health, metrics and the docs are mounted outside it in app/main.py, the only unauthenticated
-routes.
+routes. The console (app/console/) is mounted there too: its pages take the same keys through a
+login and a session cookie instead of the Authorization header.
 """
 
 from __future__ import annotations

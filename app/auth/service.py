@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -114,6 +115,20 @@ def authenticate(*, session: Session, plain: str) -> Principal | None:
     if key is None or key.revoked_at is not None:
         return None
     if not hmac.compare_digest(key.hash, _digest(plain)):
+        return None
+    return Principal(
+        owner=str(key.id), scopes=frozenset(Scope(scope) for scope in key.scopes), name=key.name
+    )
+
+
+def principal_by_id(*, session: Session, key_id: str) -> Principal | None:
+    """The principal of an unrevoked key by its id (a console session holds only the id)."""
+    try:
+        parsed = uuid.UUID(key_id)
+    except ValueError:
+        return None
+    key = session.get(ApiKey, parsed)
+    if key is None or key.revoked_at is not None:
         return None
     return Principal(
         owner=str(key.id), scopes=frozenset(Scope(scope) for scope in key.scopes), name=key.name

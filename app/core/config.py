@@ -187,6 +187,12 @@ class Settings(BaseSettings):
     bootstrap_api_key: SecretStr | None = None
     """Registered with the admin scope by `taskdock migrate`: a new deployment's first key."""
 
+    console_secret: SecretStr | None = None
+    """Signs the console's session cookies; unset: a random one per process, so sessions end on
+    restart and differ between replicas (set it in production, the same on every replica)."""
+    console_session_seconds: Annotated[float, Field(ge=60, le=30 * 24 * 3600)] = 8 * 3600.0
+    """How long a console login lasts before the browser must log in again."""
+
     allowed_hosts: Annotated[list[str], NoDecode, Field(default_factory=lambda: ["*"])]
     """Host headers the API answers, comma-separated (`*`: any); another one gets 400."""
     cors_origins: Annotated[list[str], NoDecode, Field(default_factory=list)]

@@ -99,6 +99,10 @@ class Task(Base):
         Index("ix_task_schedule_slot", "schedule_id", "schedule_slot", unique=True),
         # The event stream's replay after a Last-Event-ID (app/tasks/events.py).
         Index("ix_task_owner_change_seq", "owner", "change_seq"),
+        # The console as an admin sees it: every owner's tasks, newest first or by status (its
+        # chart of what finished in the last hour reads ix_task_finished, below).
+        Index("ix_task_created", "created_at", "id"),
+        Index("ix_task_status_created", "status", "created_at", "id"),
         # The dispatcher's outbox scan and the reaper's lease scan touch only these rows.
         Index(
             "ix_task_outbox",

@@ -1,0 +1,22 @@
+"""The console: taskdock's web pages, served by the API process at /console.
+
+A map, outside in:
+
+- `router.py`: the pages (overview, tasks, task detail, submit, task types, login) and the
+  small JSON routes their script polls for live updates. Every route is a `ConsoleRoute`, which
+  puts the Content-Security-Policy and the other security headers on every answer and renders
+  the app's errors (`app.core.errors.AppError`) as HTML pages instead of the API's JSON.
+- `session.py`: who is looking. Login with an API key gives a signed, HttpOnly, SameSite=Strict
+  cookie holding the key's id (never the key) and a CSRF token; every request reloads the key
+  (through a cache as short as the API's), so a revoked key stops working as it does on the
+  API. Every POST carries the token in a hidden field and is refused (403) without it.
+- `queries.py`: the reads behind the pages, each bounded: keyset pages, counts that stop at a
+  limit, the overview's sums over indexed rows only.
+- `forms.py`: a task type's JSON Schema as form fields, and the fields back as a payload.
+- `templates/` (Jinja2, autoescaped) and `static/` (one script, one stylesheet; no inline
+  script or style, no library, nothing to build).
+
+Actions (submit, cancel, retry) call the same services as the API routes
+(`app.tasks.publication.Submitter`, `app.tasks.service`), with the same scope checks, owner
+filter and rate limits, so the console can never do what the key could not do over HTTP.
+"""
