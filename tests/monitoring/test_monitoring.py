@@ -85,7 +85,7 @@ def exposed_families() -> dict[str, str]:
     }
     # The gauges the API reads from the database and the broker at scrape time.
     collector = StateCollector(celery_app=None, settings=None)  # type: ignore[arg-type]
-    collector._read_database = lambda: (0, {}, [])  # type: ignore[method-assign]
+    collector._read_database = lambda: (0, {}, [], (0, 0, 0, 0))  # type: ignore[method-assign]
     collector._read_broker = lambda: {}  # type: ignore[method-assign]
     families.update({family.name: family.type for family in collector.collect()})
     return families
