@@ -246,21 +246,7 @@ def retry_batch(
             tuple_(Task.id, Task.attempt).in_([(row.id, row.attempt) for row in rows]),
             Task.status.in_(sorted(RETRYABLE)),
         )
-        .values(
-            attempt=Task.attempt + 1,
-            max_attempts=Task.attempt + 1 + budget,
-            status=TaskStatus.QUEUED,
-            deliveries=0,
-            run_after=now,
-            published_at=None,
-            queued_at=None,
-            lease_expires_at=None,
-            started_at=None,
-            finished_at=None,
-            result=None,
-            error=None,
-            updated_at=now,
-        )
+        .values(lifecycle.new_attempt(attempt=Task.attempt, budget=budget, now=now))
         .returning(Task.id, Task.type)
         .execution_options(synchronize_session=False)
     ).all()

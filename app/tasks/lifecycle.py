@@ -83,6 +83,29 @@ def error_record(exc: BaseException, *, with_traceback: bool = True) -> dict[str
     return record
 
 
+def new_attempt(*, attempt: Any, budget: Any, now: datetime) -> dict[str, Any]:
+    """The values that make a finished task QUEUED again as a new attempt with a fresh retry
+    budget (the single and the bulk retry). `attempt` and `budget` are numbers or SQL
+    expressions of the row."""
+    return {
+        "attempt": attempt + 1,
+        "max_attempts": attempt + 1 + budget,
+        "status": TaskStatus.QUEUED,
+        "deliveries": 0,
+        "run_after": now,
+        "published_at": None,
+        "queued_at": None,
+        "lease_expires_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "result": None,
+        "error": None,
+        # The new attempt's end owes its own webhook.
+        "notified_at": None,
+        "updated_at": now,
+    }
+
+
 def rowcount(result: Any) -> int:
     """Rows an UPDATE changed: how a fenced write tells whether it won."""
     return int(result.rowcount)

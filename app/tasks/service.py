@@ -404,23 +404,7 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
                 # Only a finished task: two concurrent retries make one new attempt, not two.
                 Task.status.in_(sources(TaskStatus.QUEUED) & TERMINAL),
             )
-            .values(
-                attempt=task.attempt + 1,
-                max_attempts=task.attempt + 1 + budget,
-                status=TaskStatus.QUEUED,
-                deliveries=0,
-                run_after=now,
-                published_at=None,
-                queued_at=None,
-                lease_expires_at=None,
-                started_at=None,
-                finished_at=None,
-                result=None,
-                error=None,
-                # The new attempt's end owes its own webhook.
-                notified_at=None,
-                updated_at=now,
-            )
+            .values(lifecycle.new_attempt(attempt=task.attempt, budget=budget, now=now))
             .execution_options(synchronize_session=False)
         )
     )

@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from app.auth import service as keys
 from app.auth.service import Scope
 from app.core.db import session_scope
+from app.db.base import utcnow
 from app.tasks import lifecycle, service
 from app.tasks.models import Task, TaskRun
 from app.tasks.schemas import TaskCreate
@@ -338,3 +339,20 @@ def test_created_range_is_read_in_utc(embedded_client: TestClient) -> None:
         "/api/v1/tasks/cancel", json={"created_before": later, "limit": 10, "dry_run": True}
     )
     assert response.json()["ids"] == ids
+
+
+def test_a_bulk_retried_task_owes_the_webhook_of_its_new_end(embedded_client: TestClient) -> None:
+    # As the single retry: the new attempt's end gets its own delivery (app/webhooks).
+    ids = submit(embedded_client, 1)
+    with session_scope() as session:
+        session.execute(
+            update(Task)
+            .where(Task.id == uuid.UUID(ids[0]))
+            .values(status=TaskStatus.FAILED, notified_at=utcnow())
+        )
+
+    response = embedded_client.post("/api/v1/tasks/retry", json={"ids": ids, "limit": 1})
+
+    assert response.json()["changed"] == 1
+    with session_scope() as session:
+        assert session.get(Task, uuid.UUID(ids[0])).notified_at is None  # type: ignore[union-attr]
