@@ -505,8 +505,12 @@ def schedules_create(
     overlap: Annotated[str, typer.Option(help="allow, or skip while one is unfinished.")] = "allow",
     catchup: Annotated[str, typer.Option(help="latest, or all within the window.")] = "latest",
     catchup_window: Annotated[int, typer.Option(help="Seconds, for --catchup all.")] = 3600,
+    notify_url: Annotated[
+        str | None, typer.Option(help="Where each fired task's final record is POSTed.")
+    ] = None,
 ) -> None:
     """Create a schedule and print its id."""
+    import asyncio
     import json
 
     from pydantic import ValidationError
@@ -515,6 +519,7 @@ def schedules_create(
     from app.core.errors import AppError
     from app.schedules import service as schedules_service
     from app.schedules.schemas import ScheduleCreate
+    from app.webhooks.service import check_notify_url
 
     _setup("cli")
     try:
@@ -531,8 +536,11 @@ def schedules_create(
                 "overlap": overlap,
                 "catchup": catchup,
                 "catchup_window_seconds": catchup_window,
+                "notify_url": notify_url,
             }
         )
+        if data.notify_url is not None:
+            asyncio.run(check_notify_url(url=data.notify_url, settings=get_settings()))
         with session_scope() as session:
             created = schedules_service.create(
                 session=session,

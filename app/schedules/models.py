@@ -56,6 +56,7 @@ class Schedule(Base):
     cron: Mapped[str | None] = mapped_column(String(200))
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
     interval_seconds: Mapped[int | None] = mapped_column(Integer)
+    notify_url: Mapped[str | None] = mapped_column(String(2000))
     # Interval slots are anchor + k * interval_seconds.
     anchor_at: Mapped[datetime] = mapped_column(UTCDateTime)
     overlap: Mapped[str] = mapped_column(String(8), default=Overlap.ALLOW.value)

@@ -12,12 +12,13 @@ from app.auth.dependencies import CanRead, CanSubmit, owner_filter
 from app.core.errors import described
 from app.schedules import service
 from app.schedules.schemas import ScheduleCreate, ScheduleList, ScheduleRead, ScheduleUpdate
+from app.webhooks.service import check_notify_url
 
 router = APIRouter(prefix=API_V1, tags=["schedules"])
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: described("No such schedule")}
 INVALID: dict[int | str, dict[str, Any]] = {
-    422: described("Bad cron, time zone, task type, payload or queue")
+    422: described("Bad cron, time zone, task type, payload, queue or notify_url")
 }
 
 
@@ -35,6 +36,8 @@ async def create_schedule(
     principal: CanSubmit,
     response: Response,
 ) -> ScheduleRead:
+    if data.notify_url is not None:
+        await check_notify_url(url=data.notify_url, settings=request.app.state.settings)
     schedule = await database.transaction(
         service.create,
         data=data,
@@ -85,6 +88,8 @@ async def update_schedule(
     database: DatabaseDep,
     principal: CanSubmit,
 ) -> ScheduleRead:
+    if data.notify_url is not None:
+        await check_notify_url(url=data.notify_url, settings=request.app.state.settings)
     schedule = await database.transaction(
         service.update,
         schedule_id=schedule_id,

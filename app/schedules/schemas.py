@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.schedules.models import Catchup, Overlap
 from app.schedules.slots import cron_problem, zone_problem
 from app.tasks.schemas import QUEUE_PATTERN
+from app.webhooks.guard import url_problem
 
 MAX_INTERVAL = 366 * 24 * 3600
 MAX_WINDOW = 7 * 24 * 3600
@@ -22,6 +23,13 @@ def _cron(value: str | None) -> str | None:
         problem = cron_problem(value)
         if problem is not None:
             raise ValueError(problem)
+    return value
+
+
+def _notify_url(value: str | None) -> str | None:
+    # Its address is checked by the route (app.webhooks.guard), as a submission's.
+    if value is not None:
+        url_problem(value)
     return value
 
 
@@ -67,12 +75,22 @@ class ScheduleFields(BaseModel):
         "fires each missed slot within `catchup_window_seconds` once.",
     )
     catchup_window_seconds: int = Field(default=3600, ge=1, le=MAX_WINDOW)
+    notify_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="Each fired task's final record is POSTed here, signed, as a submission's.",
+    )
     paused: bool = False
 
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, value: str | None) -> str | None:
         return _cron(value)
+
+    @field_validator("notify_url")
+    @classmethod
+    def _check_notify_url(cls, value: str | None) -> str | None:
+        return _notify_url(value)
 
     @field_validator("timezone")
     @classmethod
@@ -119,12 +137,18 @@ class ScheduleUpdate(BaseModel):
     overlap: Overlap | None = None
     catchup: Catchup | None = None
     catchup_window_seconds: int | None = Field(default=None, ge=1, le=MAX_WINDOW)
+    notify_url: str | None = Field(default=None, max_length=2000)
     paused: bool | None = None
 
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, value: str | None) -> str | None:
         return _cron(value)
+
+    @field_validator("notify_url")
+    @classmethod
+    def _check_notify_url(cls, value: str | None) -> str | None:
+        return _notify_url(value)
 
     @field_validator("timezone")
     @classmethod
@@ -148,6 +172,7 @@ class ScheduleRead(BaseModel):
     overlap: Overlap
     catchup: Catchup
     catchup_window_seconds: int
+    notify_url: str | None
     paused: bool
     next_fire_at: datetime = Field(description="The next slot (while paused: when it was due).")
     last_slot_at: datetime | None = Field(description="The slot of the latest task fired.")

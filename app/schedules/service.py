@@ -32,6 +32,7 @@ DEFINITION = (
     "overlap",
     "catchup",
     "catchup_window_seconds",
+    "notify_url",
 )
 TIMING = ("cron", "timezone", "interval_seconds")
 
@@ -50,6 +51,7 @@ def task_create(schedule: Schedule | dict[str, Any]) -> TaskCreate:
         payload=values["payload"],
         queue=values["queue"],
         priority=values["priority"],
+        notify_url=values["notify_url"],
     )
 
 

@@ -174,6 +174,16 @@ def test_a_fired_task_is_the_apis_submission(database: bool) -> None:
     assert task.max_attempts == get_task_type("process_data").max_attempts
     # Marked published in the INSERT: the firing step publishes it right after its commit.
     assert task.published_at is not None
+    assert task.notify_url is None
+
+
+def test_a_fired_task_owes_its_schedules_webhook(database: bool) -> None:
+    url = "https://hooks.example.com/taskdock"
+    schedule = create(interval_seconds=60, notify_url=url)
+    fire_at(schedule.next_fire_at, database)
+    task = tasks_of(schedule.id)[0]
+    # What the delivery outbox reads: a notify_url not yet notified.
+    assert (task.notify_url, task.notified_at) == (url, None)
 
 
 def test_deleting_a_schedule_keeps_its_tasks(database: bool) -> None:

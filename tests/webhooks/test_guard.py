@@ -143,3 +143,38 @@ def test_production_without_a_webhook_secret_refuses_notify_urls() -> None:
     assert one.startswith("whsec_")
     assert one != other
     assert signing.secret_for(owner="a", settings=keyed) == one
+
+
+SCHEDULE = {**PROCESS, "interval_seconds": 60}
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is not a public address"),
+        ("http://127.0.0.1:8080/hook", "127.0.0.1 is not a public address"),
+        ("ftp://example.com/hook", "http or https"),
+    ],
+)
+def test_a_schedules_notify_url_passes_the_same_guard(
+    guarded: TestClient, url: str, why: str
+) -> None:
+    created = guarded.post("/api/v1/schedules", json={**SCHEDULE, "notify_url": url})
+    assert created.status_code == 422, created.text
+    assert why in refused_field(created.json())
+    assert guarded.get("/api/v1/schedules").json()["items"] == []
+
+    made = guarded.post("/api/v1/schedules", json=SCHEDULE)
+    assert made.status_code == 201, made.text
+    one = f"/api/v1/schedules/{made.json()['id']}"
+    changed = guarded.patch(one, json={"notify_url": url})
+    assert changed.status_code == 422, changed.text
+    assert why in refused_field(changed.json())
+    assert guarded.get(one).json()["notify_url"] is None
+
+
+def test_a_schedule_may_notify_an_allowed_network(loopback_allowed: TestClient) -> None:
+    url = "http://127.0.0.1:8080/hook"
+    created = loopback_allowed.post("/api/v1/schedules", json={**SCHEDULE, "notify_url": url})
+    assert created.status_code == 201, created.text
+    assert created.json()["notify_url"] == url
