@@ -29,9 +29,11 @@ from sqlalchemy.orm import Session
 from app.core.errors import InvalidInput
 from app.db.base import utcnow
 from app.tasks import service
-from app.tasks.models import Task
+from app.tasks.models import Task, TaskRun
 from app.tasks.service import decode_cursor
 from app.tasks.states import WAITING, TaskStatus
+from app.webhooks import service as webhooks_service
+from app.webhooks.schemas import DeliveryRead
 from app.workers import service as workers_service
 from app.workers.models import WorkerRecord
 from app.workers.service import QueueReport
@@ -252,6 +254,19 @@ def overview(
     )
 
 
-def task_detail(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
-    """A task by id as the API reads it: another owner's is TaskNotFound (404)."""
-    return service.get(session=session, task_id=task_id, owner=owner)
+@dataclass(frozen=True)
+class Detail:
+    task: Task
+    runs: list[TaskRun]
+    deliveries: list[DeliveryRead]
+
+
+def task_detail(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Detail:
+    """A task by id as the API reads it (another owner's is TaskNotFound, 404), with its runs
+    and webhook deliveries, in one transaction: the three agree with each other."""
+    task = service.get(session=session, task_id=task_id, owner=owner)
+    return Detail(
+        task=task,
+        runs=service.list_runs(session=session, task_id=task_id, owner=owner),
+        deliveries=webhooks_service.list_deliveries(session=session, task_id=task_id, owner=owner),
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
@@ -37,11 +38,13 @@ from app.console.session import (
 )
 from app.core import metrics
 from app.core.errors import AppError, InvalidInput, field_errors
-from app.tasks import service
+from app.tasks import events, service
 from app.tasks.publication import Submitter
 from app.tasks.registry import all_task_types, get_task_type, known_queues
-from app.tasks.schemas import TaskCreate, TaskRead
+from app.tasks.router import stream_start
+from app.tasks.schemas import TaskCreate, TaskRead, TaskRunRead
 from app.tasks.states import UNFINISHED, TaskStatus
+from app.webhooks.schemas import DeliveryRead
 
 PREFIX = "/console"
 HERE = Path(__file__).parent
@@ -254,7 +257,14 @@ async def read_overview(request: Request, principal: Principal) -> queries.Overv
 async def overview(request: Request, session: SessionDep) -> Response:
     principal = await allow(request, session, Scope.READ, "read")
     view = await read_overview(request, principal)
-    return page(request, "overview.html", session, view=view, statuses=list(TaskStatus))
+    return page(
+        request,
+        "overview.html",
+        session,
+        view=view,
+        statuses=list(TaskStatus),
+        events_url=f"{PREFIX}/events",
+    )
 
 
 @router.get("/")
@@ -320,6 +330,107 @@ def chart_geometry(series: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
+# Tables: one row shape for the page and for its live updates. A row is
+# {"data": {name: value}, "cells": [cell]}, a cell {"text": ...} with an optional "href" (a
+# link), "status" (coloured by the stylesheet) or "class"; templates/rows.html and console.js
+# lay it out the same way, text always as text.
+
+Cell = dict[str, str]
+
+
+def table_row(cells: list[Cell], **data: str) -> dict[str, Any]:
+    return {"data": data, "cells": cells}
+
+
+def text(value: Any) -> Cell:
+    return {"text": NONE if value is None or value == "" else str(value)}
+
+
+def status_cell(value: str) -> Cell:
+    return {"text": value, "status": value}
+
+
+def task_row(row: Any) -> dict[str, Any]:
+    return table_row(
+        [
+            {
+                "text": str(row.id)[:12] + "\u2026",
+                "href": f"{PREFIX}/tasks/{row.id}",
+                "class": "mono",
+            },
+            text(row.type),
+            status_cell(row.status.value),
+            text(row.queue),
+            text(f"{row.attempt}/{row.max_attempts}"),
+            {"text": row.idempotency_key or ""},
+            text(when(row.created_at)),
+            text(when(row.finished_at)),
+        ],
+        task=str(row.id),
+    )
+
+
+def run_row(run: TaskRunRead) -> dict[str, Any]:
+    error = f"{run.error.type}: {run.error.message}" if run.error else None
+    duration = f"{run.duration:.3f} s" if run.duration is not None else None
+    return table_row(
+        [
+            text(f"{run.attempt}.{run.delivery}"),
+            status_cell(run.outcome.value),
+            text(run.worker),
+            text(when(run.started_at)),
+            text(when(run.finished_at) if run.finished_at else None),
+            text(duration),
+            text(error),
+        ],
+        run=f"{run.attempt}.{run.delivery}",
+    )
+
+
+def delivery_row(delivery: DeliveryRead) -> dict[str, Any]:
+    return table_row(
+        [
+            text(delivery.attempt),
+            text(delivery.url),
+            status_cell(delivery.status.value),
+            text(delivery.attempts),
+            text(delivery.last_status_code),
+            text(delivery.last_error),
+            text(when(delivery.next_attempt_at) if delivery.next_attempt_at else None),
+            text(when(delivery.delivered_at) if delivery.delivered_at else None),
+        ],
+        delivery=delivery.webhook_id,
+    )
+
+
+# The event stream the pages follow: each change of a task the key may see wakes the page,
+# which then reads its live values again (the event says that something changed; the
+# page's JSON says what it now shows, with the same owner filter and bounds as the page).
+
+
+@router.get("/events", response_class=EventSourceResponse)
+async def console_events(
+    request: Request,
+    session: SessionDep,
+    after: Annotated[int, Depends(stream_start)],
+    task_id: uuid.UUID | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    principal = await allow(request, session, Scope.READ, "read")
+    where = events.EventFilter(
+        owner=owner_filter(principal),
+        task_ids=frozenset([task_id] if task_id else ()),
+        types=frozenset(),
+        statuses=frozenset(),
+    )
+    async for event in events.stream(
+        hub=request.app.state.events,
+        where=where,
+        after=after,
+        heartbeat=request.app.state.settings.events_heartbeat_seconds,
+    ):
+        yield event
+
+
 # Tasks
 
 
@@ -335,6 +446,14 @@ def parse_time(name: str, text: str) -> datetime | None:
         ) from None
     # The form's inputs carry no zone: the console shows UTC, so it reads UTC.
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+# The list's filters a bulk action takes too (app.tasks.schemas.BulkAction).
+BULK_FILTERS = ("status", "type", "queue", "from", "to")
+
+
+def bulk_filters(raw: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in raw.items() if key in BULK_FILTERS}
 
 
 def filters_of(request: Request) -> queries.TaskFilters:
@@ -389,8 +508,9 @@ async def tasks(request: Request, session: SessionDep) -> Response:
         request,
         "tasks.html",
         session,
-        rows=rows,
+        rows=[task_row(row) for row in rows],
         filters=filters.raw,
+        bulk_url=f"{PREFIX}/bulk?" + urlencode(bulk_filters(filters.raw)),
         count=count,
         next_url=next_url,
         first_url=f"{PREFIX}/tasks?" + urlencode(filters.raw),
@@ -398,6 +518,7 @@ async def tasks(request: Request, session: SessionDep) -> Response:
         statuses=list(TaskStatus),
         types=[t.name for t in all_task_types()],
         live=live,
+        events_url=f"{PREFIX}/events",
     )
 
 
@@ -405,36 +526,20 @@ async def tasks(request: Request, session: SessionDep) -> Response:
 async def live_tasks(request: Request, session: SessionDep) -> Response:
     principal = await allow(request, session, Scope.READ, "read")
     _, rows, _, count = await read_page(request, principal)
-    # The page's rows as text, which the script lays out again (new tasks appear at the top).
-    return JSONResponse(
-        {
-            "count": str(count),
-            "rows": [
-                {
-                    "id": str(row.id),
-                    "type": row.type,
-                    "status": row.status.value,
-                    "queue": row.queue,
-                    "attempt": f"{row.attempt}/{row.max_attempts}",
-                    "idempotency_key": row.idempotency_key or "",
-                    "created": when(row.created_at),
-                    "finished": when(row.finished_at),
-                }
-                for row in rows
-            ],
-        }
-    )
+    return JSONResponse({"count": str(count), "tables": {"task-list": [task_row(r) for r in rows]}})
 
 
-async def read_task(request: Request, principal: Principal, task_id: uuid.UUID) -> TaskRead:
-    task = await database(request).autocommit(
+async def read_task(
+    request: Request, principal: Principal, task_id: uuid.UUID
+) -> tuple[TaskRead, dict[str, Any]]:
+    """The task, and its page's live values: its fields as text, its runs and deliveries."""
+    detail = await database(request).autocommit(
         queries.task_detail, task_id=task_id, owner=owner_filter(principal)
     )
-    return TaskRead.model_validate(task)
-
-
-def task_live(task: TaskRead) -> dict[str, str]:
-    return {
+    task = TaskRead.model_validate(detail.task)
+    runs = [run_row(TaskRunRead.model_validate(run)) for run in detail.runs]
+    deliveries = [delivery_row(delivery) for delivery in detail.deliveries]
+    live: dict[str, Any] = {
         "status": task.status.value,
         "attempt": f"{task.attempt} of {task.max_attempts}",
         "deliveries": str(task.deliveries),
@@ -446,19 +551,22 @@ def task_live(task: TaskRead) -> dict[str, str]:
         "error-type": task.error.type if task.error else NONE,
         "error-message": task.error.message if task.error else NONE,
         "error-traceback": (task.error.traceback or NONE) if task.error else NONE,
+        "tables": {"runs": runs, "webhooks": deliveries},
     }
+    return task, live
 
 
 @router.get("/tasks/{task_id}")
 async def task_page(request: Request, session: SessionDep, task_id: uuid.UUID) -> Response:
     principal = await allow(request, session, Scope.READ, "read")
-    task = await read_task(request, principal, task_id)
+    task, live = await read_task(request, principal, task_id)
     return page(
         request,
         "task.html",
         session,
         task=task,
-        live=task_live(task),
+        live=live,
+        events_url=f"{PREFIX}/events?" + urlencode({"task_id": str(task_id)}),
         unfinished=" ".join(sorted(s.value for s in UNFINISHED)),
         retryable=" ".join(RETRYABLE),
         can_submit=principal.allows(Scope.SUBMIT),
@@ -468,7 +576,8 @@ async def task_page(request: Request, session: SessionDep, task_id: uuid.UUID) -
 @router.get("/live/tasks/{task_id}")
 async def live_task(request: Request, session: SessionDep, task_id: uuid.UUID) -> Response:
     principal = await allow(request, session, Scope.READ, "read")
-    return JSONResponse(task_live(await read_task(request, principal, task_id)))
+    _, live = await read_task(request, principal, task_id)
+    return JSONResponse(live)
 
 
 @router.post("/tasks/{task_id}/cancel")
@@ -608,5 +717,10 @@ async def task_types(request: Request, session: SessionDep) -> Response:
 
 def mount(app: FastAPI) -> None:
     """Serve the console from this app, with its own session signer."""
+    # Imported here: their routes build on this module's helpers.
+    from app.console import bulk, schedules
+
     app.state.console_sessions = Sessions(settings=app.state.settings)
     app.include_router(router)
+    app.include_router(bulk.router)
+    app.include_router(schedules.router)

@@ -19,6 +19,7 @@ import pytest
 
 from tests.support import services
 from tests.support.stack import ROOT, Stack, base_env, running_stack, taskdock, wait_status
+from tests.webhooks.receiver import receiving
 
 pytestmark = pytest.mark.browser
 
@@ -38,6 +39,7 @@ class Console:
     admin: str
     alice: str
     bob: str
+    carol: str
 
     def api(self, key: str) -> httpx.Client:
         return httpx.Client(
@@ -71,6 +73,8 @@ def console(tmp_path_factory: pytest.TempPathFactory, chromium_path: str) -> Ite
             TASKDOCK_AUTH_ENABLED="true",
             TASKDOCK_API_KEY_CACHE_SECONDS="1",
             TASKDOCK_TASK_MODULES="",
+            # The webhook receiver of the detail page's test listens on loopback.
+            TASKDOCK_WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8",
         )
         migrated = taskdock("migrate", env=env)
         assert migrated.returncode == 0, migrated.stderr
@@ -78,6 +82,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, chromium_path: str) -> Ite
             "admin": create_key(env, "admin", "admin"),
             "alice": create_key(env, "alice", "submit,read"),
             "bob": create_key(env, "bob", "submit,read"),
+            "carol": create_key(env, "carol", "submit,read"),
         }
         with running_stack(env, tmp / "logs") as stack:
             stack.worker("w1", concurrency=2)
@@ -169,9 +174,14 @@ def test_log_in_submit_with_a_field_error_and_watch_it_run(page: Any, console: C
         time.sleep(0.1)
     assert seen == ["QUEUED", "RUNNING", "SUCCEEDED"]
     assert page.evaluate("window.__same_page") is True
+    # Told by the event stream (the page reads its values again on each event; its own timer
+    # alone, every 30 s, could not have shown RUNNING for the 1.5 s it lasted).
+    assert page.evaluate("document.body.dataset.stream") == "open"
+    assert page.evaluate("window.taskdockConsole.stats.events") >= 2
     wait_text(page, "[data-live-key=attempt]", "1 of 3")
     assert '"slept": 1.5' in str(page.text_content("#result"))
     assert page.is_hidden("#cancel")
+    wait_text(page, "#runs tr[data-run='1.1'] .status", "SUCCEEDED")
     shot(page, "task")
 
 
@@ -213,6 +223,13 @@ def test_retry_a_failed_task(page: Any, console: Console) -> None:
         wait_text(page, "#status", "FAILED", timeout=60)
         wait_text(page, "[data-live-key=attempt]", "6 of 6", timeout=60)
         assert api.get(f"/api/v1/tasks/{tid}").json()["attempt"] == 6
+        # The runs timeline, live too: six runs, each FAILED with its own attempt's error.
+        wait_text(page, "#runs tr[data-run='6.1'] .status", "FAILED")
+        runs = page.locator("#runs tbody tr[data-run]")
+        assert [runs.nth(i).get_attribute("data-run") for i in range(runs.count())] == [
+            f"{attempt}.1" for attempt in range(1, 7)
+        ]
+        assert "asked to fail on attempt 4" in str(runs.nth(3).text_content())
 
 
 def test_filter_and_page_through_500_tasks(page: Any, console: Console) -> None:
@@ -335,3 +352,104 @@ def test_overview_types_and_log_out(page: Any, console: Console) -> None:
     page.wait_for_url("**/console/login")
     page.goto(f"{console.base}/console/tasks")
     assert page.url.endswith("/console/login")
+
+
+def test_the_detail_shows_webhook_deliveries_as_they_are_tried(page: Any, console: Console) -> None:
+    with receiving([500, 200]) as receiver, console.api(console.carol) as api:
+        login(page, console, console.carol)
+        answer = api.post(
+            "/api/v1/tasks",
+            json={
+                "type": "sleep",
+                "payload": {"seconds": 1},
+                "countdown": 1,
+                "notify_url": receiver.url,
+            },
+        )
+        assert answer.status_code == 202, answer.text
+        tid = answer.json()["id"]
+        page.goto(f"{console.base}/console/tasks/{tid}")
+        page.evaluate("window.__same_page = true")
+        assert page.text_content("#notify-url") == receiver.url
+        assert page.locator("#webhooks tbody tr[data-delivery]").count() == 0
+        # Refused once (500), then delivered: the row follows, without a reload.
+        wait_text(page, "#webhooks tr[data-delivery] .status", "delivered", timeout=60)
+        row = page.locator("#webhooks tbody tr[data-delivery]")
+        assert row.count() == 1
+        cells = [str(row.locator("td").nth(i).text_content()) for i in range(5)]
+        assert cells[:5] == ["1", receiver.url, "delivered", "2", "200"]
+        assert len(receiver.wait_for(2, timeout=5)) == 2
+        assert page.evaluate("window.__same_page") is True
+
+
+def test_bulk_retry_by_filter_after_the_dry_run_count(page: Any, console: Console) -> None:
+    with console.api(console.carol) as api:
+        ids = []
+        for _ in range(12):
+            answer = api.post(
+                "/api/v1/tasks",
+                json={"type": "sleep", "payload": {"seconds": 0}, "countdown": 3600},
+            )
+            assert answer.status_code == 202, answer.text
+            ids.append(answer.json()["id"])
+        for tid in ids:
+            assert api.post(f"/api/v1/tasks/{tid}/cancel").json()["status"] == "CANCELLED"
+    login(page, console, console.carol)
+    page.goto(f"{console.base}/console/tasks")
+    page.select_option("#f-status", "CANCELLED")
+    page.select_option("#f-type", "sleep")
+    page.click("#apply")
+    page.wait_for_load_state()
+    assert page.text_content("#count") == "12"
+    page.click("#bulk-link")
+    page.wait_for_url("**/console/bulk?*")
+    page.select_option("#b-action", "retry")
+    page.click("#count")
+    page.wait_for_load_state()
+    assert page.text_content("#matched") == "12"
+    shot(page, "bulk")
+    with console.api(console.carol) as api:
+        # The count changed nothing.
+        assert {api.get(f"/api/v1/tasks/{t}").json()["status"] for t in ids} == {"CANCELLED"}
+    assert str(page.text_content("#confirm")).strip() == "Retry these 12 tasks"
+    page.click("#confirm")
+    page.wait_for_url("**/console/bulk?*")
+    assert "Retried 12 tasks." in str(page.text_content("#bulk-done"))
+    assert page.text_content("#matched") == "0"
+    with console.api(console.carol) as api:
+        for tid in ids:
+            task = wait_status(api, tid, {"SUCCEEDED"}, timeout=60)
+            assert task["attempt"] == 2
+
+
+def test_create_and_pause_a_schedule(page: Any, console: Console) -> None:
+    login(page, console, console.carol)
+    page.goto(f"{console.base}/console/schedules")
+    page.fill("#s-name", "hourly-report")
+    page.select_option("#s-type", "process_data")
+    page.fill("#s-payload", '{"user_id": 7, "data": "report"}')
+    page.fill("#s-cron", "0 * * * *")
+    page.fill("#s-timezone", "Nowhere/City")
+    page.click("#create-schedule")
+    assert "unknown time zone" in str(page.text_content("#error-timezone")).lower()
+    # The form kept what was typed.
+    assert page.input_value("#s-payload") == '{"user_id": 7, "data": "report"}'
+    page.fill("#s-timezone", "Europe/Berlin")
+    page.click("#create-schedule")
+    page.wait_for_url("**/console/schedules")
+    row = page.locator("#schedule-list tr[data-schedule]")
+    assert row.count() == 1
+    assert "0 * * * * (Europe/Berlin)" in str(row.text_content())
+    assert row.get_attribute("data-paused") == "no"
+    row.locator("button.pause").click()
+    page.wait_for_url("**/console/schedules")
+    row = page.locator("#schedule-list tr[data-schedule]")
+    assert row.get_attribute("data-paused") == "yes"
+    assert "paused" in str(row.locator(".next").text_content())
+    shot(page, "schedules")
+    sid = row.get_attribute("data-schedule")
+    with console.api(console.carol) as api:
+        assert api.get(f"/api/v1/schedules/{sid}").json()["paused"] is True
+        # Another key sees none of it.
+    with console.api(console.bob) as api:
+        assert api.get(f"/api/v1/schedules/{sid}").status_code == 404

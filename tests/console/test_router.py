@@ -222,9 +222,11 @@ def test_list_filters_count_and_pages(app_client: TestClient, keys: Keys) -> Non
     assert future.text.count("data-task=") == 0
     live = app_client.get("/console/live/tasks", params={"status": "QUEUED"}).json()
     assert live["count"] == "60"
-    assert len(live["rows"]) == 50
-    assert {row["status"] for row in live["rows"]} == {"QUEUED"}
-    assert {row["id"] for row in live["rows"]} <= ids
+    rows = live["tables"]["task-list"]
+    assert len(rows) == 50
+    # Cells in the page's column order: task, type, status, ...
+    assert {row["cells"][2]["status"] for row in rows} == {"QUEUED"}
+    assert {row["data"]["task"] for row in rows} <= ids
 
 
 def test_counts_stop_at_their_bound(
