@@ -19,6 +19,7 @@ from typing import Any
 
 from bench import (
     bench_api,
+    bench_console,
     bench_e2e,
     bench_footprint,
     bench_pg,
@@ -37,6 +38,7 @@ MODULES: dict[str, ModuleType] = {
     "footprint": bench_footprint,
     "profile": bench_profile,
     "purge": bench_purge,
+    "console": bench_console,
 }
 TOOLS = {"wrk": "wrk", "redis-server": "redis-server", "pgbench": "postgresql-client"}
 
@@ -168,6 +170,8 @@ def summary(report: dict[str, Any], images: list[str]) -> str:
             lines += make(report[module])
     if "footprint" in report:
         lines += ["", *_footprint_lines(report["footprint"])]
+    if "console" in report:
+        lines += ["", *_console_lines(report["console"])]
     if "profile" in report:
         lines += ["", *_profile_lines(report["profile"])]
     notes = _notes(report)
@@ -303,6 +307,21 @@ def _purge_rows(purge: dict[str, Any]) -> list[str]:
         _ratio_row(f"{label}, rate", purge, "", "/s"),
         _ratio_row(f"{label}, p50", purge, "", " ms", key="p50_ms"),
         _ratio_row(f"{label}, p99", purge, "", " ms", key="p99_ms"),
+    ]
+
+
+def _console_lines(console: dict[str, Any]) -> list[str]:
+    """Server time of each console page on a large table, against the issue's bound."""
+    bound = console["bound_ms"]
+    return [
+        f"| 9. console page, {console['rows']:,} tasks | median ms | p90 ms | "
+        f"under {bound:.0f} ms |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| `{page}` | {fmt(found['median_ms'])} | {fmt(found['p90_ms'])} | "
+            f"{'yes' if found['median_ms'] < bound else 'NO'} |"
+            for page, found in console["pages"].items()
+        ),
     ]
 
 
