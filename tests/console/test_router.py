@@ -24,7 +24,15 @@ def api_submit(client: TestClient, key: str, payload: dict[str, object], **extra
 
 
 def test_pages_need_a_login_and_a_wrong_key_gets_none(app_client: TestClient, keys: Keys) -> None:
-    for path in ("/console", "/console/tasks", "/console/types", "/console/live/overview"):
+    for path in (
+        "/console",
+        "/console/tasks",
+        "/console/types",
+        "/console/live/overview",
+        "/console/events",
+        "/console/bulk",
+        "/console/schedules",
+    ):
         answer = app_client.get(path)
         assert answer.status_code == 303
         assert answer.headers["location"] == "/console/login"

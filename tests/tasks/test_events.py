@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import re
 import statistics
 import threading
 import time
@@ -128,22 +129,37 @@ class Event:
 class EventReader:
     """Reads an SSE stream in a thread; the test takes its events from a queue."""
 
-    def __init__(self, base: str, headers: dict[str, str], params: Any = None) -> None:
+    def __init__(
+        self,
+        base: str,
+        headers: dict[str, str],
+        params: Any = None,
+        *,
+        path: str = "/api/v1/events",
+        cookies: httpx.Cookies | None = None,
+    ) -> None:
         self.events: queue.Queue[Event] = queue.Queue()
         self.status: int | None = None
         self.comments: list[str] = []
         self._stop = threading.Event()
         self._opened = threading.Event()
         self._thread = threading.Thread(
-            target=self._read, args=(base, headers, params), daemon=True
+            target=self._read, args=(base, headers, params, path, cookies), daemon=True
         )
         self._thread.start()
         assert self._opened.wait(10), "the stream did not open"
 
-    def _read(self, base: str, headers: dict[str, str], params: Any) -> None:
+    def _read(
+        self,
+        base: str,
+        headers: dict[str, str],
+        params: Any,
+        path: str,
+        cookies: httpx.Cookies | None,
+    ) -> None:
         with (
-            httpx.Client(base_url=base, headers=headers, timeout=10) as client,
-            client.stream("GET", "/api/v1/events", params=params) as response,
+            httpx.Client(base_url=base, headers=headers, cookies=cookies, timeout=10) as client,
+            client.stream("GET", path, params=params) as response,
         ):
             self.status = response.status_code
             self._opened.set()
@@ -402,6 +418,54 @@ def test_stream_filters_and_owners(system: System) -> None:
             refused = client.get("/api/v1/events", headers={"Last-Event-ID": bad})
             assert refused.status_code == 422, (bad, refused.text)
         assert httpx.get(f"{system.base}/api/v1/events").status_code == 401
+
+
+def console_session(base: str, who: dict[str, str]) -> httpx.Cookies:
+    """A console session's cookies, logged in through the form with `who`'s key."""
+    with httpx.Client(base_url=base, timeout=10) as client:
+        form = client.get("/console/login")
+        token = re.search(r'name="token" value="([^"]*)"', form.text)
+        assert token, form.text
+        key = who["Authorization"].removeprefix("Bearer ")
+        answer = client.post("/console/login", data={"token": token.group(1), "api_key": key})
+        assert answer.status_code == 303, answer.text
+        return client.cookies
+
+
+def test_the_consoles_stream_tells_the_sessions_own_tasks(system: System) -> None:
+    """/console/events, which the console's pages follow: the API's stream, by session."""
+    cookies = console_session(system.base, system.alice)
+    everything = EventReader(system.base, {}, path="/console/events", cookies=cookies)
+    try:
+        system.submit(system.bob)
+        mine = system.submit(system.alice)
+        one = EventReader(
+            system.base,
+            {},
+            params={"task_id": mine["id"]},
+            path="/console/events",
+            cookies=cookies,
+        )
+        try:
+            assert statuses(everything.take(1)) == [(mine["id"], "QUEUED")]
+            other = system.submit(system.alice)
+            finish(mine["id"])
+            assert statuses(one.take(2)) == [(mine["id"], "RUNNING"), (mine["id"], "SUCCEEDED")]
+            assert statuses(everything.take(3)) == [
+                (other["id"], "QUEUED"),
+                (mine["id"], "RUNNING"),
+                (mine["id"], "SUCCEEDED"),
+            ]
+            # Bob's task, submitted first, never came.
+            assert everything.quiet_for(0.3) == []
+        finally:
+            one.close()
+    finally:
+        everything.close()
+    # No session, no stream: the login page instead.
+    refused = httpx.get(f"{system.base}/console/events", timeout=10)
+    assert refused.status_code == 303
+    assert refused.headers["location"] == "/console/login"
 
 
 def test_last_event_id_resumes_without_loss(system: System) -> None:
