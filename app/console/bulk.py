@@ -71,20 +71,19 @@ def problem_of(exc: ValidationError | InvalidInput) -> str:
     )
 
 
-async def count(
-    request: Request, principal: Principal, values: dict[str, str]
-) -> tuple[int | None, str | None]:
-    """The dry run's count, or why the filter is refused."""
+async def perform(
+    request: Request, principal: Principal, values: dict[str, str], *, dry_run: bool
+) -> bulk.Outcome | str:
+    """The action (or its dry run) as the API's route runs it, or why the filter is refused."""
     run, _ = ACTIONS[values["action"]]
     try:
-        done = await run(
+        return await run(
             database=database(request),
-            action=action_of(values, dry_run=True),
+            action=action_of(values, dry_run=dry_run),
             owner=owner_filter(principal),
         )
     except (ValidationError, InvalidInput) as exc:
-        return None, problem_of(exc)
-    return done.result.matched, None
+        return problem_of(exc)
 
 
 def form_values(source: dict[str, str]) -> dict[str, str]:
@@ -130,7 +129,10 @@ async def bulk_form(request: Request, session: SessionDep) -> Response:
     params = request.query_params
     values = form_values(dict(params))
     counted = "action" in params and any(values[name] for name in BULK_FILTERS)
-    matched, problem = await count(request, principal, values) if counted else (None, None)
+    matched, problem = None, None
+    if counted:
+        found = await perform(request, principal, values, dry_run=True)
+        matched, problem = (None, found) if isinstance(found, str) else (found.result.matched, None)
     done = None
     if params.get("changed", "").isdigit() and params.get("done") in ACTIONS:
         done = {"action": params["done"], "changed": params["changed"]}
@@ -150,22 +152,10 @@ async def bulk_action(request: Request, session: SessionDep) -> Response:
     form = await checked_form(request, session)
     principal = await allow(request, session, Scope.SUBMIT, "submit")
     values = form_values(form)
-    run, _ = ACTIONS[values["action"]]
-    try:
-        done = await run(
-            database=database(request),
-            action=action_of(values, dry_run=False),
-            owner=owner_filter(principal),
-        )
-    except (ValidationError, InvalidInput) as exc:
+    done = await perform(request, principal, values, dry_run=False)
+    if isinstance(done, str):
         return bulk_page(
-            request,
-            session,
-            values=values,
-            matched=None,
-            problem=problem_of(exc),
-            done=None,
-            status=422,
+            request, session, values=values, matched=None, problem=done, done=None, status=422
         )
     if values["action"] == "cancel":
         for type_, number in done.types.items():
