@@ -77,6 +77,8 @@ class ScheduleSpec:
     overlap: str = "allow"
     catchup: str = "latest"
     catchup_window_seconds: int = 3600
+    # Checked for its form at start; its address, as every webhook's, at each delivery.
+    notify_url: str | None = None
 
 
 def schedule(name: str, **options: Any) -> ScheduleSpec:

@@ -239,9 +239,14 @@ def test_code_declared_schedules_are_created_updated_and_removed(
         ("often", "", "code"),
     ]
     assert sync(database)[0].id == first[0].id  # unchanged: the same rows
-    declare(declared, ScheduleSpec(name="nightly", cron="0 4 * * *", payload=payload))
+    hook = "https://hooks.example.com/nightly"
+    declare(
+        declared,
+        ScheduleSpec(name="nightly", cron="0 4 * * *", payload=payload, notify_url=hook),
+    )
     (only,) = sync(database)
     assert (only.id, only.cron, only.timezone) == (first[0].id, "0 4 * * *", "UTC")
+    assert only.notify_url == hook
     # A schedule of a task type this process does not load is not its to remove.
     _registry.pop("tests.declared")
     assert [s.id for s in sync(database)] == [only.id]
@@ -259,6 +264,12 @@ def test_a_bad_code_declared_schedule_stops_the_dispatcher_with_one_line(
         firing.declared_schedules(extra_queues=[])
     declare(declared, ScheduleSpec(name="bad", interval_seconds=5, payload={"seconds": "x"}))
     with pytest.raises(ConfigError, match="payload"):
+        firing.declared_schedules(extra_queues=[])
+    declare(
+        declared,
+        ScheduleSpec(name="bad", interval_seconds=5, payload={"seconds": 0}, notify_url="ftp://x"),
+    )
+    with pytest.raises(ConfigError, match=r"notify_url: .*http or https"):
         firing.declared_schedules(extra_queues=[])
 
 
