@@ -11,8 +11,10 @@ those generators with blocking or awaited I/O. So both clients retry, page and p
 Retries: a 429 or 503 answer, or a connection that failed before any answer, is retried with
 exponential backoff (the server's Retry-After when it gives one), up to `retries` times. A
 submission always carries an Idempotency-Key (a new one unless given), so a retried submission
-never makes two tasks. Other errors raise at once as `ApiError` subclasses holding the API's
-error body (`code`, `message`, and `fields` for a 422).
+never makes two tasks. A call that could do its work twice and has no such key (creating a
+schedule, a bulk action) is repeated only when nothing can have been done: see `_Retry`. Other
+errors raise at once as `ApiError` subclasses holding the API's error body (`code`, `message`,
+and `fields` for a 422).
 """
 
 from __future__ import annotations
@@ -22,16 +24,27 @@ import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypedDict, TypeVar, Unpack
 
 import anyio
 import httpx
 
-from app.tasks.schemas import TaskPage, TaskRead, TaskTypeRead
+from app.schedules.models import Catchup, Overlap
+from app.schedules.schemas import DEFAULT_WINDOW, ScheduleList, ScheduleRead
+from app.tasks.schemas import (
+    BulkResult,
+    TaskPage,
+    TaskRead,
+    TaskRunRead,
+    TaskRuns,
+    TaskTypeRead,
+)
 from app.tasks.states import TERMINAL
+from app.webhooks.schemas import DeliveryList, DeliveryRead
 
 __all__ = [
     "ApiError",
@@ -43,6 +56,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "RateLimited",
+    "ScheduleChanges",
     "Task",
     "Unauthorized",
     "Unavailable",
@@ -68,16 +82,38 @@ Operation = Generator[Step, httpx.Response | None, T]
 
 RETRIED_STATUSES = frozenset({429, 503})
 MAX_WAIT = 60  # the server's bound on ?wait=
+MAX_SCHEDULES = 1000  # the server's bound on GET /schedules?limit=
+
+# Raised before the request left this process: repeating it cannot do anything twice.
+UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """What a call repeats: the answers in `statuses`, and transport errors (every one, or with
+    `unsent_only` those raised before the request left, when a repeat could act twice)."""
+
+    statuses: frozenset[int] = RETRIED_STATUSES
+    unsent_only: bool = False
+
+
+SAFE = _Retry()  # reads, keyed submissions, and changes that land the same when repeated
+UNKEYED = _Retry(unsent_only=True)  # a creation in one transaction, with no idempotency key
+REFUSED_ONLY = _Retry(statuses=frozenset({429}), unsent_only=True)  # a bulk action
 
 
 class ApiError(Exception):
-    """An error answer. `body` is the API's JSON error (`code`, `message`, ...)."""
+    """An error answer. `body` is the API's JSON error (`code`, `message`, ...).
+
+    `repeated`: the answer came to a repeat of a request whose earlier answer was lost, so the
+    earlier one may have done the work (a NotFound for a DELETE, a Conflict for a retry)."""
 
     status_code: int = 0
 
-    def __init__(self, status_code: int, body: dict[str, Any]) -> None:
+    def __init__(self, status_code: int, body: dict[str, Any], *, repeated: bool = False) -> None:
         self.status_code = status_code
         self.body = body
+        self.repeated = repeated
         self.code: str = str(body.get("code", "unknown"))
         self.message: str = str(body.get("message", ""))
         super().__init__(f"{status_code} {self.code}: {self.message}")
@@ -125,7 +161,7 @@ _ERRORS: dict[int, type[ApiError]] = {
 }
 
 
-def _raise_for(response: httpx.Response) -> None:
+def _raise_for(response: httpx.Response, *, repeated: bool = False) -> None:
     if response.status_code < 400:
         return
     try:
@@ -137,7 +173,7 @@ def _raise_for(response: httpx.Response) -> None:
     kind = _ERRORS.get(response.status_code)
     if kind is None:
         kind = InvalidRequest if response.status_code < 500 else Unavailable
-    raise kind(response.status_code, body)
+    raise kind(response.status_code, body, repeated=repeated)
 
 
 @dataclass(frozen=True)
@@ -182,6 +218,25 @@ class _SseParser:
         return None
 
 
+class ScheduleChanges(TypedDict, total=False):
+    """What `update_schedule` may change: only the keys given are sent. To switch between cron
+    and interval, give the new one and None for the other."""
+
+    type: str
+    name: str | None
+    payload: dict[str, Any]
+    queue: str | None
+    priority: int
+    cron: str | None
+    timezone: str
+    interval_seconds: int | None
+    overlap: str
+    catchup: str
+    catchup_window_seconds: int
+    notify_url: str | None
+    paused: bool
+
+
 @dataclass(frozen=True)
 class _Calls:
     """Every API call as an Operation; shared by both clients."""
@@ -189,21 +244,24 @@ class _Calls:
     retries: int
     backoff: float
 
-    def call(self, request: _Request, *, retry: bool = True) -> Operation[httpx.Response]:
+    def call(self, request: _Request, *, retry: _Retry = SAFE) -> Operation[httpx.Response]:
+        repeated = False
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries or not retry
+            last = attempt == self.retries
             try:
                 response = yield request
-            except httpx.TransportError:
-                if last:
+            except httpx.TransportError as exc:
+                unsent = isinstance(exc, UNSENT)
+                if last or (retry.unsent_only and not unsent):
                     raise
+                repeated = repeated or not unsent
                 yield self.delay(attempt, None)
                 continue
             assert response is not None
-            if response.status_code in RETRIED_STATUSES and not last:
+            if response.status_code in retry.statuses and not last:
                 yield self.delay(attempt, response.headers.get("Retry-After"))
                 continue
-            _raise_for(response)
+            _raise_for(response, repeated=repeated)
             return response
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -291,6 +349,116 @@ class _Calls:
     def task_types(self) -> Operation[list[TaskTypeRead]]:
         response = yield from self.call(_Request("GET", "/api/v1/task-types"))
         return [TaskTypeRead.model_validate(item) for item in response.json()]
+
+    def runs(self, task_id: uuid.UUID | str) -> Operation[list[TaskRunRead]]:
+        response = yield from self.call(_Request("GET", f"/api/v1/tasks/{task_id}/runs"))
+        return TaskRuns.model_validate_json(response.content).items
+
+    def deliveries(self, task_id: uuid.UUID | str) -> Operation[list[DeliveryRead]]:
+        response = yield from self.call(_Request("GET", f"/api/v1/tasks/{task_id}/deliveries"))
+        return DeliveryList.model_validate_json(response.content).items
+
+    def bulk(
+        self,
+        action: str,
+        *,
+        limit: int,
+        ids: Iterable[uuid.UUID | str] | None,
+        status: Iterable[str] | None,
+        type: str | None,
+        queue: str | None,
+        created_after: datetime | None,
+        created_before: datetime | None,
+        dry_run: bool,
+    ) -> Operation[BulkResult]:
+        body: dict[str, Any] = {"limit": limit, "dry_run": dry_run}
+        if ids is not None:
+            body["ids"] = [str(task_id) for task_id in ids]
+        if status is not None:
+            body["status"] = [status] if isinstance(status, str) else list(status)
+        for name, value in (("type", type), ("queue", queue)):
+            if value is not None:
+                body[name] = value
+        for name, moment in (("created_after", created_after), ("created_before", created_before)):
+            if moment is not None:
+                body[name] = moment.isoformat()
+        request = _Request("POST", f"/api/v1/tasks/{action}", json=body)
+        # A dry run only reads. A real one commits a batch at a time and has no idempotency
+        # key: after a lost answer or a 503 (which may follow committed batches) a repeat would
+        # take up to `limit` more tasks, and retry again those that failed again meanwhile.
+        # Only what proves nothing was done is repeated: an unsent request, or a 429, refused
+        # before the route ran.
+        response = yield from self.call(request, retry=SAFE if dry_run else REFUSED_ONLY)
+        return BulkResult.model_validate_json(response.content)
+
+    def create_schedule(
+        self,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        cron: str | None,
+        timezone: str,
+        interval_seconds: int | None,
+        name: str | None,
+        queue: str | None,
+        priority: int,
+        overlap: str,
+        catchup: str,
+        catchup_window_seconds: int,
+        notify_url: str | None,
+        paused: bool,
+    ) -> Operation[ScheduleRead]:
+        body = {
+            "type": type,
+            "payload": payload,
+            "cron": cron,
+            "timezone": timezone,
+            "interval_seconds": interval_seconds,
+            "name": name,
+            "queue": queue,
+            "priority": priority,
+            "overlap": overlap,
+            "catchup": catchup,
+            "catchup_window_seconds": catchup_window_seconds,
+            "notify_url": notify_url,
+            "paused": paused,
+        }
+        request = _Request("POST", "/api/v1/schedules", json=body)
+        # No Idempotency-Key on this route: a request whose answer was lost may have made the
+        # schedule, and a repeat would make a second one (or, if named, answer 409 for our own).
+        # So only what proves nothing was done is repeated: an unsent request, a 429 (refused
+        # before the route ran) or a 503 (the database was unavailable to its one transaction).
+        response = yield from self.call(request, retry=UNKEYED)
+        return ScheduleRead.model_validate_json(response.content)
+
+    def schedules(self, *, limit: int) -> Operation[list[ScheduleRead]]:
+        request = _Request("GET", "/api/v1/schedules", {"limit": limit})
+        response = yield from self.call(request)
+        return ScheduleList.model_validate_json(response.content).items
+
+    def schedule(self, schedule_id: uuid.UUID | str) -> Operation[ScheduleRead]:
+        response = yield from self.call(_Request("GET", f"/api/v1/schedules/{schedule_id}"))
+        return ScheduleRead.model_validate_json(response.content)
+
+    def update_schedule(
+        self, schedule_id: uuid.UUID | str, changes: ScheduleChanges
+    ) -> Operation[ScheduleRead]:
+        request = _Request("PATCH", f"/api/v1/schedules/{schedule_id}", json=dict(changes))
+        response = yield from self.call(request)
+        return ScheduleRead.model_validate_json(response.content)
+
+    def schedule_action(self, schedule_id: uuid.UUID | str, action: str) -> Operation[ScheduleRead]:
+        request = _Request("POST", f"/api/v1/schedules/{schedule_id}/{action}")
+        response = yield from self.call(request)
+        return ScheduleRead.model_validate_json(response.content)
+
+    def delete_schedule(self, schedule_id: uuid.UUID | str) -> Operation[None]:
+        try:
+            yield from self.call(_Request("DELETE", f"/api/v1/schedules/{schedule_id}"))
+        except NotFound as missing:
+            # The earlier try, whose answer was lost, deleted it: what was asked is done.
+            if not missing.repeated:
+                raise
 
     def request(
         self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None
@@ -425,10 +593,132 @@ class Client:
     def task_types(self) -> builtins.list[TaskTypeRead]:
         return self._run(self._calls.task_types())
 
+    def runs(self, task_id: uuid.UUID | str) -> builtins.list[TaskRunRead]:
+        """Every run of every attempt, oldest first: its worker, outcome, error and duration."""
+        return self._run(self._calls.runs(task_id))
+
+    def deliveries(self, task_id: uuid.UUID | str) -> builtins.list[DeliveryRead]:
+        """The webhook deliveries of a task submitted with a notify_url."""
+        return self._run(self._calls.deliveries(task_id))
+
+    def bulk_cancel(
+        self,
+        *,
+        limit: int,
+        ids: Iterable[uuid.UUID | str] | None = None,
+        status: Iterable[str] | None = None,
+        type: str | None = None,
+        queue: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """Cancel at most `limit` of the tasks every given criterion matches, oldest first."""
+        return self._run(
+            self._calls.bulk(
+                "cancel",
+                limit=limit,
+                ids=ids,
+                status=status,
+                type=type,
+                queue=queue,
+                created_after=created_after,
+                created_before=created_before,
+                dry_run=dry_run,
+            )
+        )
+
+    def bulk_retry(
+        self,
+        *,
+        limit: int,
+        ids: Iterable[uuid.UUID | str] | None = None,
+        status: Iterable[str] | None = None,
+        type: str | None = None,
+        queue: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """Retry at most `limit` of the FAILED or CANCELLED tasks the criteria match."""
+        return self._run(
+            self._calls.bulk(
+                "retry",
+                limit=limit,
+                ids=ids,
+                status=status,
+                type=type,
+                queue=queue,
+                created_after=created_after,
+                created_before=created_before,
+                dry_run=dry_run,
+            )
+        )
+
+    def create_schedule(
+        self,
+        type: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        interval_seconds: int | None = None,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        overlap: str = Overlap.ALLOW,
+        catchup: str = Catchup.LATEST,
+        catchup_window_seconds: int = DEFAULT_WINDOW,
+        notify_url: str | None = None,
+        paused: bool = False,
+    ) -> ScheduleRead:
+        """A schedule firing a task of `type` on `cron` (in `timezone`) or every N seconds."""
+        return self._run(
+            self._calls.create_schedule(
+                type,
+                payload or {},
+                cron=cron,
+                timezone=timezone,
+                interval_seconds=interval_seconds,
+                name=name,
+                queue=queue,
+                priority=priority,
+                overlap=overlap,
+                catchup=catchup,
+                catchup_window_seconds=catchup_window_seconds,
+                notify_url=notify_url,
+                paused=paused,
+            )
+        )
+
+    def schedules(self, *, limit: int = MAX_SCHEDULES) -> builtins.list[ScheduleRead]:
+        """This key's schedules, oldest first (at most `limit`, the API's bound being 1000)."""
+        return self._run(self._calls.schedules(limit=limit))
+
+    def schedule(self, schedule_id: uuid.UUID | str) -> ScheduleRead:
+        return self._run(self._calls.schedule(schedule_id))
+
+    def update_schedule(
+        self, schedule_id: uuid.UUID | str, **changes: Unpack[ScheduleChanges]
+    ) -> ScheduleRead:
+        """Change only the fields given; a retimed schedule starts from its next slot."""
+        return self._run(self._calls.update_schedule(schedule_id, changes))
+
+    def pause_schedule(self, schedule_id: uuid.UUID | str) -> ScheduleRead:
+        return self._run(self._calls.schedule_action(schedule_id, "pause"))
+
+    def resume_schedule(self, schedule_id: uuid.UUID | str) -> ScheduleRead:
+        """Resume from the next slot after now: slots missed while paused are not owed."""
+        return self._run(self._calls.schedule_action(schedule_id, "resume"))
+
+    def delete_schedule(self, schedule_id: uuid.UUID | str) -> None:
+        """Delete a schedule; the tasks it fired stay."""
+        self._run(self._calls.delete_schedule(schedule_id))
+
     def request(
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
     ) -> Any:
-        """Any other route (schedules, bulk actions...), with the same retries and errors."""
+        """Any other route, with the same retries and errors."""
         return self._run(self._calls.request(method, path, json_body=json, params=params))
 
     def events(
@@ -581,10 +871,132 @@ class AsyncClient:
     async def task_types(self) -> builtins.list[TaskTypeRead]:
         return await self._run(self._calls.task_types())
 
+    async def runs(self, task_id: uuid.UUID | str) -> builtins.list[TaskRunRead]:
+        """Every run of every attempt, oldest first: its worker, outcome, error and duration."""
+        return await self._run(self._calls.runs(task_id))
+
+    async def deliveries(self, task_id: uuid.UUID | str) -> builtins.list[DeliveryRead]:
+        """The webhook deliveries of a task submitted with a notify_url."""
+        return await self._run(self._calls.deliveries(task_id))
+
+    async def bulk_cancel(
+        self,
+        *,
+        limit: int,
+        ids: Iterable[uuid.UUID | str] | None = None,
+        status: Iterable[str] | None = None,
+        type: str | None = None,
+        queue: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """Cancel at most `limit` of the tasks every given criterion matches, oldest first."""
+        return await self._run(
+            self._calls.bulk(
+                "cancel",
+                limit=limit,
+                ids=ids,
+                status=status,
+                type=type,
+                queue=queue,
+                created_after=created_after,
+                created_before=created_before,
+                dry_run=dry_run,
+            )
+        )
+
+    async def bulk_retry(
+        self,
+        *,
+        limit: int,
+        ids: Iterable[uuid.UUID | str] | None = None,
+        status: Iterable[str] | None = None,
+        type: str | None = None,
+        queue: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """Retry at most `limit` of the FAILED or CANCELLED tasks the criteria match."""
+        return await self._run(
+            self._calls.bulk(
+                "retry",
+                limit=limit,
+                ids=ids,
+                status=status,
+                type=type,
+                queue=queue,
+                created_after=created_after,
+                created_before=created_before,
+                dry_run=dry_run,
+            )
+        )
+
+    async def create_schedule(
+        self,
+        type: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        interval_seconds: int | None = None,
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int = 0,
+        overlap: str = Overlap.ALLOW,
+        catchup: str = Catchup.LATEST,
+        catchup_window_seconds: int = DEFAULT_WINDOW,
+        notify_url: str | None = None,
+        paused: bool = False,
+    ) -> ScheduleRead:
+        """A schedule firing a task of `type` on `cron` (in `timezone`) or every N seconds."""
+        return await self._run(
+            self._calls.create_schedule(
+                type,
+                payload or {},
+                cron=cron,
+                timezone=timezone,
+                interval_seconds=interval_seconds,
+                name=name,
+                queue=queue,
+                priority=priority,
+                overlap=overlap,
+                catchup=catchup,
+                catchup_window_seconds=catchup_window_seconds,
+                notify_url=notify_url,
+                paused=paused,
+            )
+        )
+
+    async def schedules(self, *, limit: int = MAX_SCHEDULES) -> builtins.list[ScheduleRead]:
+        """This key's schedules, oldest first (at most `limit`, the API's bound being 1000)."""
+        return await self._run(self._calls.schedules(limit=limit))
+
+    async def schedule(self, schedule_id: uuid.UUID | str) -> ScheduleRead:
+        return await self._run(self._calls.schedule(schedule_id))
+
+    async def update_schedule(
+        self, schedule_id: uuid.UUID | str, **changes: Unpack[ScheduleChanges]
+    ) -> ScheduleRead:
+        """Change only the fields given; a retimed schedule starts from its next slot."""
+        return await self._run(self._calls.update_schedule(schedule_id, changes))
+
+    async def pause_schedule(self, schedule_id: uuid.UUID | str) -> ScheduleRead:
+        return await self._run(self._calls.schedule_action(schedule_id, "pause"))
+
+    async def resume_schedule(self, schedule_id: uuid.UUID | str) -> ScheduleRead:
+        """Resume from the next slot after now: slots missed while paused are not owed."""
+        return await self._run(self._calls.schedule_action(schedule_id, "resume"))
+
+    async def delete_schedule(self, schedule_id: uuid.UUID | str) -> None:
+        """Delete a schedule; the tasks it fired stay."""
+        await self._run(self._calls.delete_schedule(schedule_id))
+
     async def request(
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
     ) -> Any:
-        """Any other route (schedules, bulk actions...), with the same retries and errors."""
+        """Any other route, with the same retries and errors."""
         return await self._run(self._calls.request(method, path, json_body=json, params=params))
 
     async def events(

@@ -15,6 +15,7 @@ from app.webhooks.guard import url_problem
 
 MAX_INTERVAL = 366 * 24 * 3600
 MAX_WINDOW = 7 * 24 * 3600
+DEFAULT_WINDOW = 3600
 
 
 def _cron(value: str | None) -> str | None:
@@ -74,7 +75,7 @@ class ScheduleFields(BaseModel):
         description="After downtime: `latest` fires the most recent missed slot only; `all` "
         "fires each missed slot within `catchup_window_seconds` once.",
     )
-    catchup_window_seconds: int = Field(default=3600, ge=1, le=MAX_WINDOW)
+    catchup_window_seconds: int = Field(default=DEFAULT_WINDOW, ge=1, le=MAX_WINDOW)
     notify_url: str | None = Field(
         default=None,
         max_length=2000,
