@@ -1,4 +1,5 @@
-"""The console's pages and the JSON its script polls (the map: app/console/__init__.py)."""
+"""The console's pages, the JSON their script reads for live updates, and the event stream that
+tells it when (the map: app/console/__init__.py)."""
 
 from __future__ import annotations
 
