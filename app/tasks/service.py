@@ -408,7 +408,11 @@ def retry(*, session: Session, task_id: uuid.UUID, owner: str | None) -> Task:
             .execution_options(synchronize_session=False)
         )
     )
-    session.refresh(task)
     if not changed:
-        raise IllegalTransition(f"a {task.status} task cannot be retried", status=task.status)
+        status = session.scalar(select(Task.status).where(Task.id == task.id))
+        if status is None:
+            # Purged by retention between the read and the update: gone, as for any reader.
+            raise TaskNotFound(task_id=str(task_id))
+        raise IllegalTransition(f"a {status} task cannot be retried", status=status)
+    session.refresh(task)
     return task

@@ -354,3 +354,25 @@ def test_a_running_dispatcher_purges_and_counts_it(
         wait_for(counted, timeout=60, what="the dispatcher's purge")
     assert remaining(ids) == 0
     assert remaining(kept) == 1
+
+
+def test_a_retry_racing_the_purge_is_404_not_500(
+    pg_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge deletes a FAILED record between the retry's read and its update."""
+    from app.core.db import session_scope
+    from app.tasks import service
+    from app.tasks.exceptions import TaskNotFound
+
+    (task_id,) = seed(TaskStatus.FAILED, finished_ago=100 * DAY)
+    read = service.get
+
+    def read_then_purged(**kwargs: Any) -> Task:
+        task = read(**kwargs)
+        assert purge().total == 1  # its own connection, committed
+        return task
+
+    monkeypatch.setattr(service, "get", read_then_purged)
+    with pytest.raises(TaskNotFound), session_scope() as session:
+        service.retry(session=session, task_id=task_id, owner=None)
+    assert remaining([task_id]) == 0
