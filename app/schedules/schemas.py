@@ -81,7 +81,9 @@ class ScheduleFields(BaseModel):
         max_length=2000,
         description="Each fired task's final record is POSTed here, signed, as a submission's.",
     )
-    paused: bool = False
+    # strict: a JSON boolean only. Lax mode would take 0, 0.0 or "no" as false, which the
+    # published schema (type boolean) refuses.
+    paused: bool = Field(default=False, strict=True)
 
     @field_validator("cron")
     @classmethod
@@ -139,7 +141,7 @@ class ScheduleUpdate(BaseModel):
     catchup: Catchup | None = None
     catchup_window_seconds: int | None = Field(default=None, ge=1, le=MAX_WINDOW)
     notify_url: str | None = Field(default=None, max_length=2000)
-    paused: bool | None = None
+    paused: bool | None = Field(default=None, strict=True)
 
     @field_validator("cron")
     @classmethod

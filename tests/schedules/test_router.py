@@ -134,6 +134,8 @@ def test_a_read_only_key_cannot_create(api: TestClient) -> None:
         ({"catchup": "never"}, ["body", "catchup"]),
         ({"catchup_window_seconds": 0}, ["body", "catchup_window_seconds"]),
         ({"status": "RUNNING"}, ["body", "status"]),
+        ({"paused": 0.0}, ["body", "paused"]),  # the schema says boolean: no lax 0 → false
+        ({"paused": "yes"}, ["body", "paused"]),
     ],
 )
 def test_bad_definitions_are_422_naming_the_field(
@@ -156,6 +158,8 @@ def test_bad_changes_are_422_and_change_nothing(api: TestClient) -> None:
         ({"payload": {"user_id": -1, "data": "x"}}, ["body", "payload", "user_id"]),
         ({"type": "sleep"}, ["body", "payload", "seconds"]),  # the payload no longer fits
         ({"timezone": None}, ["body", "timezone"]),
+        ({"paused": 0.0}, ["body", "paused"]),  # found by the fuzzer: it was taken as false
+        ({"paused": "true"}, ["body", "paused"]),
     ]:
         response = api.patch(one, json=change, headers=owner)
         assert response.status_code == 422, (change, response.text)
