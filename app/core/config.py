@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     events_poll_interval: Annotated[float, Field(ge=0.05, le=5)] = 0.25
     """SQLite: seconds between the API's looks for task changes while someone waits or streams
     (PostgreSQL is told at once by LISTEN/NOTIFY)."""
+    events_idle_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    """PostgreSQL: an API process stops listening for task events when nobody has waited or
+    streamed for this long. While any API process listens, every status change sends a
+    notification, which costs PostgreSQL a lock at each commit (docs/events.md)."""
     bootstrap_api_key: SecretStr | None = None
     """Registered with the admin scope by `taskdock migrate`: a new deployment's first key."""
 

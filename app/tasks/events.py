@@ -3,17 +3,23 @@
 The map:
 
 - **The record numbers its changes.** Migration 0010's trigger gives every status change (and
-  every new task) the next `change_seq` from one sequence, and on PostgreSQL sends a small
-  notification on the `taskdock_events` channel at commit: id, status, owner, type, queue,
-  attempt, updated_at and the seq. No statement of the API, the worker or the dispatcher knows.
+  every new task) the next `change_seq` from one sequence. On PostgreSQL it also sends a small
+  notification on the `taskdock_events` channel at commit (id, status, owner, type, queue,
+  attempt, updated_at and the seq), but only while some API process listens: a NOTIFY costs
+  every writing commit a database-wide lock (migration 0013 has the figures). No statement of
+  the API, the worker or the dispatcher knows.
 - **One hub per API process** (`EventHub`, on `app.state.events`). On PostgreSQL it holds one
-  connection of its own, outside the pool, named `taskdock-api-events`, which LISTENs and
-  fans each notification out in memory: to the requests waiting on that task id (`watch`), and
-  to the stream subscriptions whose filter it matches (`subscribe`). It starts at the first
-  wait or stream, reconnects with backoff when PostgreSQL goes away, and is cancelled at
-  shutdown; health checks never touch it. On SQLite, where there is no LISTEN, the hub looks
-  for `change_seq > last` every TASKDOCK_EVENTS_POLL_INTERVAL seconds instead, and only while
-  someone waits or streams.
+  connection of its own, outside the pool, named `taskdock-api-events`, which LISTENs,
+  registers in `task_event_listener` (`_register`: the trigger sends only while a row is
+  there), and fans each notification out in memory: to the requests waiting on that task id
+  (`watch`), and to the stream subscriptions whose filter it matches (`subscribe`). It starts
+  at the first wait or stream, reconnects with backoff when PostgreSQL goes away, stops (row
+  deleted, connection closed) once nobody has waited or streamed for
+  TASKDOCK_EVENTS_IDLE_SECONDS, and is cancelled at shutdown; health checks never touch it.
+  Each (re)registration ends by telling every waiter and stream to read the table
+  (`_missed`): what changed while nobody listened is only there. On SQLite, where there is no
+  LISTEN, the hub looks for `change_seq > last` every TASKDOCK_EVENTS_POLL_INTERVAL seconds
+  instead, and only while someone waits or streams.
 - **Wait** (`wait_for_final`, `GET /api/v1/tasks/{id}?wait=N`): register first, then read the
   row; until it is final, sleep until the hub says it finished (or, while the hub is not
   listening, a poll interval), then read again. A waiter holds no database connection while
@@ -164,6 +170,43 @@ def head(*, session: Session) -> int:
     else:
         sql = "SELECT COALESCE(MAX(change_seq), 0) FROM task"
     return int(session.execute(text(sql)).scalar_one())
+
+
+# Migration 0013: the trigger notifies only while a hub's row is in task_event_listener. A hub
+# that died without a word (its backend gone) is dropped by the next one to register.
+_REGISTER = (
+    "DELETE FROM task_event_listener WHERE pid NOT IN (SELECT pid FROM pg_stat_activity)",
+    "INSERT INTO task_event_listener (pid, since) VALUES (pg_backend_pid(), now()) "
+    "ON CONFLICT (pid) DO NOTHING",
+)
+_UNREGISTER = "DELETE FROM task_event_listener WHERE pid = pg_backend_pid()"
+# How long a registering hub waits for the transactions that may have skipped their notification.
+SETTLE_SECONDS = 2.0
+
+
+async def _register(connection: psycopg.AsyncConnection[Any]) -> None:
+    """Ask the trigger for notifications, then wait until every transaction that may have
+    decided "nobody listens" before the row was there has ended: the caller then tells its
+    waiters and streams to read the table (`_missed`), and each such change is in it.
+
+    The trigger takes its transaction's id before it looks (migration 0013), so those are the
+    transactions running at the registration: all of them have ended once the oldest running
+    transaction is newer than the newest id of that moment. A transaction that runs longer than
+    SETTLE_SECONDS (none of taskdock's writes; perhaps someone's open psql session on the same
+    server) is not waited for: a waiter it concerns still reads again at its deadline."""
+    for statement in _REGISTER:
+        await connection.execute(statement)
+    cursor = await connection.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+    horizon = (await cursor.fetchone() or ("0",))[0]
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while time.monotonic() < deadline:
+        cursor = await connection.execute(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) >= %s::xid8", (horizon,)
+        )
+        if (await cursor.fetchone() or (False,))[0]:
+            return
+        await asyncio.sleep(0.01)
+    logger.warning("a transaction older than the event listener's registration is still open")
 
 
 # How a hub runs database work: `Database.autocommit` of app.api.deps.
@@ -320,11 +363,19 @@ class EventHub:
                 )
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
-                    self.listening, backoff = True, RECONNECT_MIN
-                    logger.info("listening for task events")
-                    self._missed()
-                    async for notification in connection.notifies():
-                        self._deliver(notification.payload)
+                    while True:
+                        await _register(connection)
+                        self.listening, backoff = True, RECONNECT_MIN
+                        logger.info("listening for task events")
+                        self._missed()
+                        await self._until_idle(connection)
+                        self.listening = False
+                        await connection.execute(_UNREGISTER)
+                        # No await between this test and the return: a watch or subscription
+                        # that comes after it finds this task done and starts a new one.
+                        if not self._waiters and not self._subscriptions:
+                            logger.info("stopped listening for task events: nobody waits")
+                            return
             except (psycopg.Error, OSError) as exc:
                 logger.warning(
                     "task events unavailable; reconnecting",
@@ -334,6 +385,21 @@ class EventHub:
                 self.listening = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_MAX)
+
+    async def _until_idle(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        """Deliver notifications until nobody has waited or streamed for the idle time."""
+        idle = self.settings.events_idle_seconds
+        idle_since: float | None = None
+        while True:
+            async for notification in connection.notifies(timeout=min(idle, 1.0)):
+                self._deliver(notification.payload)
+            if self._waiters or self._subscriptions:
+                idle_since = None
+                continue
+            now = time.monotonic()
+            idle_since = idle_since or now
+            if now - idle_since >= idle:
+                return
 
     def _deliver(self, payload: str) -> None:
         try:

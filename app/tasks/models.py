@@ -10,11 +10,13 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Column,
     Enum,
     ForeignKey,
     Index,
     Integer,
     String,
+    Table,
     UniqueConstraint,
     text,
 )
@@ -174,3 +176,14 @@ class TaskRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (CheckConstraint(f"outcome IN ({_OUTCOMES})", name="outcome"),)
+
+
+# The API processes whose event hub listens now (app/tasks/events.py): migration 0013's trigger
+# sends a status change's notification only while a row is here. UNLOGGED on PostgreSQL (the
+# migration says so; a crash empties it); on SQLite it stays empty.
+task_event_listener = Table(
+    "task_event_listener",
+    Base.metadata,
+    Column("pid", Integer, primary_key=True, autoincrement=False),
+    Column("since", UTCDateTime, nullable=False),
+)

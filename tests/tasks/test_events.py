@@ -591,3 +591,108 @@ def seq_of(task_id: str) -> int:
         value = session.scalar(select(Task.change_seq).where(Task.id == uuid.UUID(task_id)))
     assert value is not None
     return int(value)
+
+
+# --- what the trigger sends ------------------------------------------------------------------
+
+
+class NotificationSpy:
+    """A LISTEN of its own on the events channel, which does not register as a listener."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self._connection = psycopg.connect(
+            url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+        )
+        self._connection.execute("LISTEN taskdock_events")
+
+    def received(self, seconds: float) -> list[dict[str, Any]]:
+        """The notifications of the next `seconds`."""
+        return [
+            json.loads(notification.payload)
+            for notification in self._connection.notifies(timeout=seconds)
+        ]
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def listeners(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return int(
+                connection.execute(text("SELECT count(*) FROM task_event_listener")).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def test_status_changes_notify_only_while_an_api_process_listens(
+    tmp_path: Path, configure: object
+) -> None:
+    with services.scratch_database() as url:
+        env = base_env(
+            tmp_path / "data",
+            **FAST_EVENTS,
+            TASKDOCK_EVENTS_IDLE_SECONDS="1",
+            TASKDOCK_DATABASE_URL=url,
+        )
+        configure(env)  # type: ignore[operator]
+        migrate_now()
+        alice = new_key("alice")
+        spy = NotificationSpy(url)
+        with running_stack(env, tmp_path / "logs") as stack:
+            _, base = stack.api()
+            system = System(env, stack, base, alice)
+            try:
+                # Nobody waits or streams: a task's changes are numbered, and send nothing.
+                quiet = system.submit(alice)
+                finish(quiet["id"])
+                assert seq_of(quiet["id"]) > 0
+                assert spy.received(1.0) == []
+                assert listeners(url) == 0
+
+                # A stream: its process registers, and each change is sent at its commit.
+                reader = EventReader(base, alice)
+                try:
+                    services.wait_for(lambda: listeners(url) == 1, timeout=10, what="a listener")
+                    loud = system.submit(alice)
+                    sent = [
+                        (event["id"], event["status"])
+                        for event in spy.received(1.0)
+                        if event["id"] == loud["id"]
+                    ]
+                    assert sent == [(loud["id"], "QUEUED")]
+                    assert (loud["id"], "QUEUED") in statuses(reader.take(1))
+                finally:
+                    reader.close()
+
+                # Nobody streams any more: after the idle time the process stops listening.
+                services.wait_for(
+                    lambda: listeners(url) == 0 and "taskdock-api-events" not in api_backends(url),
+                    timeout=15,
+                    what="the listener to leave",
+                )
+                later = system.submit(alice)
+                assert spy.received(1.0) == []
+
+                # A wait brings it back and still answers at the finish.
+                with system.client(alice) as client:
+                    done: dict[str, httpx.Response] = {}
+                    waiter = threading.Thread(
+                        target=lambda: done.update(
+                            response=client.get(f"/api/v1/tasks/{later['id']}", params={"wait": 20})
+                        )
+                    )
+                    waiter.start()
+                    services.wait_for(lambda: listeners(url) == 1, timeout=10, what="a listener")
+                    finish(later["id"])
+                    waiter.join(timeout=20)
+                assert done["response"].json()["status"] == "SUCCEEDED"
+                sent = [(event["id"], event["status"]) for event in spy.received(1.0)]
+                assert (later["id"], "SUCCEEDED") in sent
+            finally:
+                spy.close()
+            assert "Traceback" not in stack.dump_logs()
