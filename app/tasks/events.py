@@ -55,7 +55,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import listen_connection
-from app.tasks.models import Task
+from app.tasks.models import FORGET_DEAD_LISTENERS, Task
 from app.tasks.states import TERMINAL, TaskStatus
 
 logger = logging.getLogger(__name__)
@@ -173,9 +173,10 @@ def head(*, session: Session) -> int:
 
 
 # Migration 0013: the trigger notifies only while a hub's row is in task_event_listener. A hub
-# that died without a word (its backend gone) is dropped by the next one to register.
+# that died without a word (its backend gone) is dropped by the next one to register, and by
+# the dispatcher's sweep (app.tasks.recovery).
 _REGISTER = (
-    "DELETE FROM task_event_listener WHERE pid NOT IN (SELECT pid FROM pg_stat_activity)",
+    FORGET_DEAD_LISTENERS,
     "INSERT INTO task_event_listener (pid, since) VALUES (pg_backend_pid(), now()) "
     "ON CONFLICT (pid) DO NOTHING",
 )
@@ -363,19 +364,9 @@ class EventHub:
                 )
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
-                    while True:
-                        await _register(connection)
-                        self.listening, backoff = True, RECONNECT_MIN
-                        logger.info("listening for task events")
-                        self._missed()
-                        await self._until_idle(connection)
-                        self.listening = False
-                        await connection.execute(_UNREGISTER)
-                        # No await between this test and the return: a watch or subscription
-                        # that comes after it finds this task done and starts a new one.
-                        if not self._waiters and not self._subscriptions:
-                            logger.info("stopped listening for task events: nobody waits")
-                            return
+                    backoff = RECONNECT_MIN
+                    if await self._serve(connection):
+                        return
             except (psycopg.Error, OSError) as exc:
                 logger.warning(
                     "task events unavailable; reconnecting",
@@ -385,6 +376,29 @@ class EventHub:
                 self.listening = False
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_MAX)
+
+    async def _serve(self, connection: psycopg.AsyncConnection[Any]) -> bool:
+        """Registered, deliver until nobody waits; True once it has unregistered for good."""
+        try:
+            while True:
+                await _register(connection)
+                self.listening = True
+                logger.info("listening for task events")
+                self._missed()
+                await self._until_idle(connection)
+                self.listening = False
+                await connection.execute(_UNREGISTER)
+                # No await between this test and the return: a watch or subscription that
+                # comes after it finds this task done and starts a new one.
+                if not self._waiters and not self._subscriptions:
+                    logger.info("stopped listening for task events: nobody waits")
+                    return True
+        except asyncio.CancelledError:
+            # Shutdown: leave no row behind that would keep the trigger notifying for nobody
+            # (the dispatcher's sweep drops it otherwise). Bounded: close() waits 2 s.
+            with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                await asyncio.wait_for(connection.execute(_UNREGISTER), 1.0)
+            raise
 
     async def _until_idle(self, connection: psycopg.AsyncConnection[Any]) -> None:
         """Deliver notifications until nobody has waited or streamed for the idle time."""

@@ -187,3 +187,7 @@ task_event_listener = Table(
     Column("pid", Integer, primary_key=True, autoincrement=False),
     Column("since", UTCDateTime, nullable=False),
 )
+# Rows whose connection is gone: an API process killed while it listened.
+FORGET_DEAD_LISTENERS = (
+    "DELETE FROM task_event_listener WHERE pid NOT IN (SELECT pid FROM pg_stat_activity)"
+)

@@ -39,7 +39,7 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.db.base import utcnow
 from app.tasks.lifecycle import end_runs, rowcount
-from app.tasks.models import Task
+from app.tasks.models import FORGET_DEAD_LISTENERS, Task
 from app.tasks.publication import queue_depths
 from app.tasks.registry import time_limits
 from app.tasks.states import WAITING, RunOutcome, TaskStatus
@@ -79,6 +79,10 @@ class Recovery:
                 )
                 swept.requeued = reaped.requeued
                 swept.failed = reaped.worker_lost + reaped.timed_out
+                if self.lock:
+                    # An API process killed while it listened leaves its row: without this,
+                    # every status change would go on paying a notification for nobody.
+                    session.execute(text(FORGET_DEAD_LISTENERS))
         except Exception as exc:
             swept.errors.append(f"sweep: {exc}")
             logger.warning("lease sweep failed", exc_info=True)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import queue
 import re
+import signal
 import statistics
 import threading
 import time
@@ -696,3 +697,29 @@ def test_status_changes_notify_only_while_an_api_process_listens(
             finally:
                 spy.close()
             assert "Traceback" not in stack.dump_logs()
+
+
+def test_a_killed_api_process_leaves_no_listener_behind(tmp_path: Path, configure: object) -> None:
+    with services.scratch_database() as url:
+        env = base_env(tmp_path / "data", **FAST_EVENTS, TASKDOCK_DATABASE_URL=url)
+        configure(env)  # type: ignore[operator]
+        migrate_now()
+        alice = new_key("alice")
+        with running_stack(env, tmp_path / "logs") as stack:
+            api, base = stack.api()
+            reader = EventReader(base, alice)
+            try:
+                services.wait_for(lambda: listeners(url) == 1, timeout=10, what="a listener")
+                api.signal_group(signal.SIGKILL)
+                services.wait_for(
+                    lambda: "taskdock-api-events" not in api_backends(url),
+                    timeout=10,
+                    what="the killed process's connection to end",
+                )
+            finally:
+                reader.close()
+            # Its row outlives it: the trigger would notify for nobody from now on...
+            assert listeners(url) == 1
+            # ...until the dispatcher's sweep (every TASKDOCK_REAPER_INTERVAL) drops it.
+            stack.dispatcher()
+            services.wait_for(lambda: listeners(url) == 0, timeout=15, what="the row to go")
