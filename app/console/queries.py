@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -43,6 +44,8 @@ _TABLE = cast(Table, Task.__table__)
 COUNT_LIMIT = 1000
 STATUS_COUNT_LIMIT = 10_000
 CHART_MINUTES = 60
+# Minutes this close to now may still gain a finish whose write is under way (ChartMinutes).
+CHART_GRACE_MINUTES = 2
 _LIST_COLUMNS = (
     "id",
     "type",
@@ -191,12 +194,46 @@ def _status_counts(*, session: Session, owner: str | None) -> dict[TaskStatus, C
     }
 
 
-def chart(*, session: Session, owner: str | None) -> list[tuple[int, int]]:
+class ChartMinutes:
+    """The chart's closed minutes, per owner (None: every owner), kept by each API process.
+
+    A minute more than CHART_GRACE_MINUTES old no longer changes: a task's `finished_at` is the
+    time of its outcome's write. So each chart reads only the minutes since the last one it
+    kept: on a busy table a few thousand index entries, not the hour's hundreds of thousands.
+    What it does not see: a bulk retry of a task that failed in a kept minute (it stays counted
+    there, as it did fail then), and a retention period shorter than an hour."""
+
+    def __init__(self, owners: int = 256) -> None:
+        self._owners = owners
+        self._kept: dict[str | None, dict[int, tuple[int, int]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, owner: str | None, first: int) -> dict[int, tuple[int, int]]:
+        with self._lock:
+            kept = self._kept.pop(owner, {})
+            self._kept[owner] = kept  # the most recently used last
+            return {minute: counts for minute, counts in kept.items() if minute >= first}
+
+    def keep(self, owner: str | None, minutes: dict[int, tuple[int, int]]) -> None:
+        with self._lock:
+            self._kept.pop(owner, None)
+            self._kept[owner] = minutes
+            while len(self._kept) > self._owners:
+                del self._kept[next(iter(self._kept))]
+
+
+def chart(
+    *, session: Session, owner: str | None, kept: ChartMinutes | None = None
+) -> list[tuple[int, int]]:
     """Tasks succeeded and failed per minute over the last hour, oldest minute first (on
-    ix_task_finished). Its own request (the overview's image): its cost follows the last hour's
-    throughput, not the table's size, and the page does not wait for it."""
+    ix_task_finished). Its own request (the overview's image): the page does not wait for it.
+    With `kept`, only the minutes after the closed ones it holds are read."""
     now = utcnow()
     since = now - timedelta(minutes=CHART_MINUTES)
+    first = int(since.timestamp()) // 60 + 1
+    closed = int(now.timestamp()) // 60 - CHART_GRACE_MINUTES
+    known = kept.get(owner, first) if kept is not None else {}
+    start = max(known, default=first - 1) + 1
     if session.get_bind().dialect.name == "postgresql":
         minute: Any = func.floor(func.extract("epoch", _TABLE.c.finished_at) / 60)
     else:
@@ -205,20 +242,21 @@ def chart(*, session: Session, owner: str | None) -> list[tuple[int, int]]:
         select(sql_cast(minute, Integer).label("minute"), _TABLE.c.status, func.count())
         .where(
             _TABLE.c.finished_at.is_not(None),
-            _TABLE.c.finished_at >= since,
+            _TABLE.c.finished_at >= datetime.fromtimestamp(start * 60, UTC),
             _TABLE.c.status.in_([TaskStatus.SUCCEEDED, TaskStatus.FAILED]),
         )
         .group_by(literal_column("minute"), _TABLE.c.status)
     )
     if owner is not None:
         query = query.where(_TABLE.c.owner == owner)
-    first = int(since.timestamp()) // 60 + 1
-    buckets = [[0, 0] for _ in range(CHART_MINUTES)]
+    counts = {m: [0, 0] for m in range(start, first + CHART_MINUTES)}
     for bucket, status, count in session.execute(query):
-        index = int(bucket) - first
-        if 0 <= index < CHART_MINUTES:
-            buckets[index][0 if status == TaskStatus.SUCCEEDED else 1] += int(count)
-    return [(ok, failed) for ok, failed in buckets]
+        if int(bucket) in counts:
+            counts[int(bucket)][0 if status == TaskStatus.SUCCEEDED else 1] += int(count)
+    series = {**known, **{m: (ok, failed) for m, (ok, failed) in counts.items()}}
+    if kept is not None:
+        kept.keep(owner, {m: c for m, c in series.items() if m <= closed})
+    return [series.get(m, (0, 0)) for m in range(first, first + CHART_MINUTES)]
 
 
 def overview(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
@@ -297,9 +297,19 @@ async def live_overview(request: Request, session: SessionDep) -> Response:
 @router.get("/chart.svg")
 async def chart(request: Request, session: SessionDep) -> Response:
     principal = await allow(request, session, Scope.READ, "read")
-    series = await database(request).autocommit(queries.chart, owner=owner_filter(principal))
+    series = await database(request).autocommit(
+        queries.chart, owner=owner_filter(principal), kept=chart_minutes(request)
+    )
     body = templates.get_template("chart.svg").render(**chart_geometry(series))
     return Response(body, media_type="image/svg+xml")
+
+
+def chart_minutes(request: Request) -> queries.ChartMinutes:
+    """The app's kept chart minutes, per owner: each chart then reads only the last few."""
+    kept = getattr(request.app.state, "console_chart_minutes", None)
+    if kept is None:
+        kept = request.app.state.console_chart_minutes = queries.ChartMinutes()
+    return cast(queries.ChartMinutes, kept)
 
 
 def chart_geometry(series: list[tuple[int, int]]) -> dict[str, Any]:

@@ -290,6 +290,62 @@ def test_overview_and_chart(app_client: TestClient, keys: Keys) -> None:
     assert "0 succeeded, 1 failed" in app_client.get("/console/chart.svg").text
 
 
+def test_the_chart_keeps_closed_minutes_and_reads_only_the_new_ones(
+    app_client: TestClient, keys: Keys
+) -> None:
+    import uuid
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.console import queries
+    from app.core.db import session_scope
+    from app.db.base import utcnow
+    from app.tasks.models import Task
+    from app.tasks.states import TaskStatus
+
+    def finished(status: TaskStatus, minutes_ago: int) -> None:
+        task_id = api_submit(app_client, keys.alice, {"seconds": 1}, countdown=600)
+        with session_scope() as session:
+            session.execute(
+                update(Task)
+                .where(Task.id == uuid.UUID(task_id))
+                .values(status=status, finished_at=utcnow() - timedelta(minutes=minutes_ago))
+            )
+
+    def charts(kept: queries.ChartMinutes) -> tuple[list[tuple[int, int]], ...]:
+        with session_scope() as session:
+            return (
+                queries.chart(session=session, owner=None, kept=kept),
+                queries.chart(session=session, owner=None),
+            )
+
+    def totals(series: list[tuple[int, int]]) -> tuple[int, int]:
+        return sum(ok for ok, _ in series), sum(failed for _, failed in series)
+
+    kept = queries.ChartMinutes()
+    finished(TaskStatus.SUCCEEDED, 30)
+    finished(TaskStatus.FAILED, 0)
+    first, plain = charts(kept)
+    assert first == plain
+    assert totals(first) == (1, 1)
+    # A finish in the current minute shows at once.
+    finished(TaskStatus.FAILED, 0)
+    again, plain = charts(kept)
+    assert again == plain
+    assert totals(again) == (1, 2)
+    # A closed minute is read once: a row written into it afterwards is not read again (no
+    # outcome is written with a time minutes in the past; this shows what each chart reads).
+    finished(TaskStatus.SUCCEEDED, 20)
+    later, plain = charts(kept)
+    assert totals(plain) == (2, 2)
+    assert totals(later) == (1, 2)
+    # Each owner has its own.
+    with session_scope() as session:
+        theirs = queries.chart(session=session, owner="someone-else", kept=kept)
+    assert totals(theirs) == (0, 0)
+
+
 def test_types_page_shows_schemas_and_policies(app_client: TestClient, keys: Keys) -> None:
     login(app_client, keys.reader)
     page = app_client.get("/console/types").text
