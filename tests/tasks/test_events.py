@@ -142,6 +142,7 @@ class EventReader:
         self.events: queue.Queue[Event] = queue.Queue()
         self.status: int | None = None
         self.comments: list[str] = []
+        self.error: httpx.HTTPError | None = None
         self._stop = threading.Event()
         self._opened = threading.Event()
         self._thread = threading.Thread(
@@ -151,6 +152,19 @@ class EventReader:
         assert self._opened.wait(10), "the stream did not open"
 
     def _read(
+        self,
+        base: str,
+        headers: dict[str, str],
+        params: Any,
+        path: str,
+        cookies: httpx.Cookies | None,
+    ) -> None:
+        try:
+            self._stream(base, headers, params, path, cookies)
+        except httpx.HTTPError as exc:
+            self.error = exc  # the server went away: a test that kills it looks here
+
+    def _stream(
         self,
         base: str,
         headers: dict[str, str],
@@ -718,6 +732,7 @@ def test_a_killed_api_process_leaves_no_listener_behind(tmp_path: Path, configur
                 )
             finally:
                 reader.close()
+            assert isinstance(reader.error, httpx.RemoteProtocolError), reader.error
             # Its row outlives it: the trigger would notify for nobody from now on...
             assert listeners(url) == 1
             # ...until the dispatcher's sweep (every TASKDOCK_REAPER_INTERVAL) drops it.
