@@ -226,7 +226,10 @@ def _insert_once(session: Session) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (
         insert(_TASKS)
-        .on_conflict_do_nothing(index_elements=["schedule_id", "schedule_slot"])
+        .on_conflict_do_nothing(
+            index_elements=["schedule_id", "schedule_slot"],
+            index_where=_TASKS.c.schedule_id.is_not(None),  # the index is partial
+        )
         .returning(_TASKS.c.id)
     )
 

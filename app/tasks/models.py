@@ -33,6 +33,7 @@ _RUNNING = "status = 'RUNNING'"
 # Tasks with a webhook not yet handed to the webhook sender (app/webhooks/delivery.py).
 _NOTIFY_OWED = "notify_url IS NOT NULL AND notified_at IS NULL"
 _FINISHED = "finished_at IS NOT NULL"
+_SCHEDULED = "schedule_id IS NOT NULL"
 
 
 class Task(Base):
@@ -97,8 +98,16 @@ class Task(Base):
         Index("ix_task_owner_created", "owner", "created_at", "id"),
         Index("ix_task_owner_status_created", "owner", "status", "created_at", "id"),
         Index("ix_task_owner_type_created", "owner", "type", "created_at", "id"),
-        # A unique index, not a constraint: SQLite cannot add a constraint to a table.
-        Index("ix_task_schedule_slot", "schedule_id", "schedule_slot", unique=True),
+        # A unique index, not a constraint: SQLite cannot add a constraint to a table. Partial:
+        # the other tasks' NULLs never conflict, and would cost an entry at every write.
+        Index(
+            "ix_task_schedule_slot",
+            "schedule_id",
+            "schedule_slot",
+            unique=True,
+            postgresql_where=text(_SCHEDULED),
+            sqlite_where=text(_SCHEDULED),
+        ),
         # The event stream's replay after a Last-Event-ID (app/tasks/events.py).
         Index("ix_task_owner_change_seq", "owner", "change_seq"),
         # The console as an admin sees it: every owner's tasks, newest first or by status (its
