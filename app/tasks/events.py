@@ -365,8 +365,14 @@ class EventHub:
                 async with connection:
                     await connection.execute(f"LISTEN {CHANNEL}")
                     backoff = RECONNECT_MIN
-                    if await self._serve(connection):
-                        return
+                    await self._serve(connection)
+                # Closed. No await between this test and the return: a watch or subscription
+                # that comes after it finds this task done and starts a new one; one that came
+                # while the connection closed is served by a new connection.
+                if not self._waiters and not self._subscriptions:
+                    logger.info("stopped listening for task events: nobody waits")
+                    return
+                continue
             except (psycopg.Error, OSError) as exc:
                 logger.warning(
                     "task events unavailable; reconnecting",
@@ -377,8 +383,8 @@ class EventHub:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RECONNECT_MAX)
 
-    async def _serve(self, connection: psycopg.AsyncConnection[Any]) -> bool:
-        """Registered, deliver until nobody waits; True once it has unregistered for good."""
+    async def _serve(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        """Registered, deliver until nobody has waited for the idle time; then unregistered."""
         try:
             while True:
                 await _register(connection)
@@ -388,11 +394,8 @@ class EventHub:
                 await self._until_idle(connection)
                 self.listening = False
                 await connection.execute(_UNREGISTER)
-                # No await between this test and the return: a watch or subscription that
-                # comes after it finds this task done and starts a new one.
                 if not self._waiters and not self._subscriptions:
-                    logger.info("stopped listening for task events: nobody waits")
-                    return True
+                    return
         except asyncio.CancelledError:
             # Shutdown: leave no row behind that would keep the trigger notifying for nobody
             # (the dispatcher's sweep drops it otherwise). Bounded: close() waits 2 s.
