@@ -20,6 +20,7 @@ from app.api.middleware import Guard, RequestMiddleware
 from app.api.ratelimit import RateLimiter
 from app.api.router import api_router
 from app.auth.service import KeyCache
+from app.console.queries import ChartMinutes
 from app.console.router import mount as mount_console
 from app.core import metrics
 from app.core.celery import create_celery_app
@@ -76,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.rate_limiter = RateLimiter(settings)
     app.state.key_cache = KeyCache(seconds=settings.api_key_cache_seconds)
+    # The console chart's closed minutes, per owner (app.console.queries.ChartMinutes).
+    app.state.chart_minutes = ChartMinutes()
     app.state.state_registry = CollectorRegistry(auto_describe=False)
     app.state.state_registry.register(StateCollector(celery_app, settings=settings))
     app.state.state_registry.register(DeliveryCollector())

@@ -210,11 +210,11 @@ class ChartMinutes:
 
     def get(self, owner: str | None, first: int) -> dict[int, tuple[int, int]]:
         with self._lock:
-            kept = self._kept.pop(owner, {})
-            self._kept[owner] = kept  # the most recently used last
+            kept = self._kept.get(owner, {})
             return {minute: counts for minute, counts in kept.items() if minute >= first}
 
     def keep(self, owner: str | None, minutes: dict[int, tuple[int, int]]) -> None:
+        """After each chart: the owner becomes the most recently used (last in the dict)."""
         with self._lock:
             self._kept.pop(owner, None)
             self._kept[owner] = minutes

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
@@ -305,11 +305,8 @@ async def chart(request: Request, session: SessionDep) -> Response:
 
 
 def chart_minutes(request: Request) -> queries.ChartMinutes:
-    """The app's kept chart minutes, per owner: each chart then reads only the last few."""
-    kept = getattr(request.app.state, "console_chart_minutes", None)
-    if kept is None:
-        kept = request.app.state.console_chart_minutes = queries.ChartMinutes()
-    return cast(queries.ChartMinutes, kept)
+    found: queries.ChartMinutes = request.app.state.chart_minutes
+    return found
 
 
 def chart_geometry(series: list[tuple[int, int]]) -> dict[str, Any]:
