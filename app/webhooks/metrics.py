@@ -1,7 +1,7 @@
 """The webhook gauge, read from the record at each scrape of the API's /metrics.
 
-Deliveries are made by the dispatcher, which serves no metrics of its own; the record holds
-every outcome, so any API process reports them all.
+Deliveries are made by the dispatchers; the record holds every outcome, so any API process
+reports them all, and the count is the same whichever dispatcher made them.
 """
 
 from __future__ import annotations

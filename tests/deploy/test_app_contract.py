@@ -94,7 +94,11 @@ def test_api_probes_hit_the_real_health_routes(rendered: dict[str, list[Object]]
 def test_metrics_are_scraped_where_they_are_served(production: list[Object]) -> None:
     settings = settings_from(config_data(production))
     assert served("/metrics")
-    expected = {"taskdock-api": settings.api_port, "taskdock-worker": settings.worker_metrics_port}
+    expected = {
+        "taskdock-api": settings.api_port,
+        "taskdock-worker": settings.worker_metrics_port,
+        "taskdock-dispatcher": settings.dispatcher_metrics_port,
+    }
     for name, port in expected.items():
         deployment = one(production, "Deployment", name)
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -110,6 +114,7 @@ def test_metrics_are_scraped_where_they_are_served(production: list[Object]) -> 
     defaults = Settings.model_fields
     assert settings.api_port == defaults["api_port"].default
     assert settings.worker_metrics_port == defaults["worker_metrics_port"].default
+    assert settings.dispatcher_metrics_port == defaults["dispatcher_metrics_port"].default
 
 
 def test_ingress_publishes_real_routes_and_never_metrics(production: list[Object]) -> None:

@@ -80,7 +80,11 @@ def test_each_overlay_holds_the_whole_stack(
 
     assert set(kinds["Deployment"]) == set(DEPLOYMENTS)
     assert kinds["Job"] == {"taskdock-migrate"}
-    assert kinds["Service"] == {"taskdock-api", "taskdock-worker-metrics"}
+    assert kinds["Service"] == {
+        "taskdock-api",
+        "taskdock-worker-metrics",
+        "taskdock-dispatcher-metrics",
+    }
     assert kinds["HorizontalPodAutoscaler"] == {"taskdock-api"}
     assert kinds["PodDisruptionBudget"] == {"taskdock-api", "taskdock-worker"}
     assert kinds["Ingress"] == {"taskdock"}
@@ -263,11 +267,11 @@ def test_network_policies(production: list[Object]) -> None:
     assert [selected(p) for p in from_ingress] == [{"taskdock-api"}]
     (ingress_rule,) = from_ingress[0]["spec"]["ingress"]
     assert [p["port"] for p in ingress_rule["ports"]] == [8000]
-    # Prometheus scrapes the API and the workers on their metrics ports only.
+    # Prometheus scrapes the API, the workers and the dispatchers on their metrics ports only.
     scrape = policies["taskdock-prometheus-scrape"]
-    assert selected(scrape) == {"taskdock-api", "taskdock-worker"}
+    assert selected(scrape) == {"taskdock-api", "taskdock-worker", "taskdock-dispatcher"}
     (rule,) = scrape["spec"]["ingress"]
-    assert sorted(p["port"] for p in rule["ports"]) == [8000, 9808]
+    assert sorted(p["port"] for p in rule["ports"]) == [8000, 9808, 9809]
     # Every taskdock pod may reach DNS and the datastores' ports, and nothing else.
     egress = policies["taskdock-egress"]
     assert selected(egress) == set(pods)
