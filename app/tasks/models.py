@@ -163,10 +163,9 @@ class TaskRun(Base):
 
     __tablename__ = "task_run"
 
-    # Deleting a task deletes its runs (retention deletes tasks, not runs).
-    task_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("task.id", ondelete="CASCADE"), primary_key=True
-    )
+    # No foreign key (migration 0015: its check cost the claim a lookup and a row lock): every
+    # writer of a run has just updated its task, and the purge deletes a task's runs with it.
+    task_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
     attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
     delivery: Mapped[int] = mapped_column(Integer, primary_key=True)
     worker: Mapped[str | None] = mapped_column(String(255))

@@ -7,8 +7,9 @@
   `rules()` turns both into one list; a record of a type this process has not loaded follows
   the settings. An unfinished record is never chosen: every statement filters on a final
   status, and a retried task (`POST /retry`) has left its final status and lost `finished_at`.
-- **What goes with it.** The record's own rows in other tables (runs, webhook deliveries) by
-  their foreign keys' ON DELETE CASCADE; SQLite enforces them too (`PRAGMA foreign_keys=ON`,
+- **What goes with it.** The record's runs, deleted by the batch's own transaction right after
+  their tasks (`task_run` has no foreign key: migration 0015), and its webhook deliveries, by
+  their foreign key's ON DELETE CASCADE; SQLite enforces it too (`PRAGMA foreign_keys=ON`,
   app.core.db). An idempotency key is remembered exactly as long as its record.
 - **How.** `purge()` deletes by batches of `TASKDOCK_RETENTION_BATCH_SIZE` ids, oldest first,
   each batch its own short transaction, so no lock is held for long and the API and workers
@@ -30,12 +31,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Delete, Engine, Select, Table, delete, func, select
+from sqlalchemy import Connection, Engine, Select, Table, delete, func, select
+from sqlalchemy.sql.dml import ReturningDelete
 
 from app.core import metrics
 from app.core.config import Settings
 from app.db.base import utcnow
-from app.tasks.models import Task
+from app.tasks.models import Task, TaskRun
 from app.tasks.registry import all_task_types
 from app.tasks.states import TERMINAL, TaskStatus
 
@@ -46,6 +48,7 @@ SLICE_SECONDS = 0.25
 
 _table = cast(Table, Task.__table__)
 _c = _table.c
+_runs = cast(Table, TaskRun.__table__)
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,25 @@ def rules(*, settings: Settings) -> list[Rule]:
     return found
 
 
-def _batch(rule: Rule, *, now: datetime, size: int, lock: bool) -> Delete:
+def _batch(rule: Rule, *, now: datetime, size: int, lock: bool) -> ReturningDelete[Any]:
     chosen: Select[Any] = select(_c.id).where(*rule.where(now)).order_by(_c.finished_at).limit(size)
     if lock:
         chosen = chosen.with_for_update(skip_locked=True)
     # The status again on the DELETE itself: on SQLite nothing locks the chosen rows.
-    return delete(_table).where(_c.id.in_(chosen.scalar_subquery()), _c.status == rule.status)
+    return (
+        delete(_table)
+        .where(_c.id.in_(chosen.scalar_subquery()), _c.status == rule.status)
+        .returning(_c.id)
+    )
+
+
+def _delete_batch(connection: Connection, statement: ReturningDelete[Any]) -> int:
+    """One batch: its tasks, then the runs of exactly those tasks (a task that left its final
+    status meanwhile keeps both), in the caller's transaction."""
+    deleted = list(connection.scalars(statement))
+    if deleted:
+        connection.execute(delete(_runs).where(_runs.c.task_id.in_(deleted)))
+    return len(deleted)
 
 
 @dataclass
@@ -140,7 +156,7 @@ def purge(
                 purged.more = True
                 return purged
             with engine.begin() as connection:
-                deleted = int(connection.execute(statement).rowcount)
+                deleted = _delete_batch(connection, statement)
             if deleted:
                 purged.counts[rule.status] += deleted
                 metrics.TASKS_PURGED.labels(rule.status.value).inc(deleted)

@@ -19,9 +19,9 @@ from app.core.db import get_engine, session_scope
 from app.db.base import utcnow
 from app.tasks import retention
 from app.tasks.dispatcher import Dispatcher
-from app.tasks.models import Task
+from app.tasks.models import Task, TaskRun
 from app.tasks.registry import task_type
-from app.tasks.states import TaskStatus
+from app.tasks.states import RunOutcome, TaskStatus
 from tests.support.services import celery_app, free_port, wait_for
 from tests.support.stack import running_stack, taskdock
 
@@ -169,9 +169,41 @@ def test_zero_keeps_a_status_forever(database: dict[str, str], configure: object
     assert remaining(gone) == 0
 
 
+def test_the_runs_of_a_purged_task_go_with_it(database: dict[str, str]) -> None:
+    """task_run has no foreign key (migration 0015): the purge deletes the runs of exactly the
+    tasks it deletes, in the same transaction."""
+    expired = seed(TaskStatus.FAILED, finished_ago=40 * DAY, count=2)
+    kept = seed(TaskStatus.FAILED, finished_ago=DAY)
+    now = utcnow()
+    runs = cast(Table, TaskRun.__table__)
+    with get_engine().begin() as connection:
+        connection.execute(
+            insert(runs),
+            [
+                {
+                    "task_id": task_id,
+                    "attempt": 1,
+                    "delivery": delivery,
+                    "worker": "w@host",
+                    "outcome": RunOutcome.FAILED,
+                    "started_at": now - 41 * DAY,
+                    "finished_at": now - 40 * DAY,
+                }
+                for task_id in [*expired, *kept]
+                for delivery in (1, 2)
+            ],
+        )
+
+    assert purge().counts[TaskStatus.FAILED] == 2
+
+    with get_engine().connect() as connection:
+        left = connection.execute(select(runs.c.task_id, func.count()).group_by(runs.c.task_id))
+        assert {task_id: int(count) for task_id, count in left} == {kept[0]: 2}
+
+
 def test_rows_that_reference_a_task_go_with_it(database: dict[str, str]) -> None:
-    """Runs and webhook deliveries reference their task ON DELETE CASCADE: SQLite enforces it
-    too (PRAGMA foreign_keys), so a purge leaves no orphan on either database."""
+    """Webhook deliveries reference their task ON DELETE CASCADE: SQLite enforces it too
+    (PRAGMA foreign_keys), so a purge leaves no orphan on either database."""
     uuid_type = "UUID" if get_engine().dialect.name == "postgresql" else "CHAR(32)"
     with get_engine().begin() as connection:
         connection.execute(

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, update
 
 from app.auth import service as keys
 from app.auth.service import Scope
@@ -224,17 +224,6 @@ def test_a_claim_the_database_forgot_gets_its_run_back_from_the_outcome(database
 
     [restored] = runs(task_id)
     assert (restored.attempt, restored.delivery, restored.outcome) == (1, 1, RunOutcome.SUCCEEDED)
-
-
-def test_deleting_a_task_deletes_its_runs(database: str) -> None:
-    kept, deleted = new_task(), new_task()
-    for task_id in (kept, deleted):
-        claim(task_id)
-    with session_scope() as session:
-        session.execute(delete(Task).where(Task.id == deleted))
-    with session_scope() as session:
-        left = session.execute(select(TaskRun.task_id, func.count()).group_by(TaskRun.task_id))
-        assert dict(left.all()) == {kept: 1}
 
 
 # The API: GET /api/v1/tasks/{id}/runs, scoped to the key's owner.
