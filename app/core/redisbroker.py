@@ -12,9 +12,9 @@ kombu builds a new `redis.Redis` for every `conn_or_acquire()`: twice per messag
 consumer (the bookkeeping of its emulated acks at delivery, and the ack) and once per publish
 batch. Each build copies redis-py's table of ~170 response callbacks into a
 CaseInsensitiveDict (redis/redis-py#3624): 15% of a worker consumer's CPU in a profile of a
-4,000-task drain. A client holds no connection (each command checks one out
-of the pool), so the channel keeps one per pool and hands it out again; a new pool (kombu drops
-its pools when the broker connection is lost) gets a new client.
+4,000-task drain. A client holds no connection (each command checks one out of the pool), so
+the channel keeps one per pool and hands it out again; a new pool (kombu drops its pools when
+the broker connection is lost) gets a new client.
 
 Used for redis:// (see app.core.celery.transport).
 """
@@ -37,7 +37,8 @@ class Channel(kombu_redis.Channel):
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:
-            # The event loop's own client (BRPOP, publishing): kombu caches it already.
+            # The event loop's clients (BRPOP, fanout pub/sub): kombu keeps each in a cached
+            # property already. Publishing and the acks go through the branch below.
             return super()._create_client(asynchronous=True)  # type: ignore[misc]
         pool = self.pool
         client = self._shared_client
