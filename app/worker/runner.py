@@ -87,6 +87,11 @@ class LeaseRenewer:
         # When the thread will next look on its own: a run due later needs no wake-up, and
         # waking a thread for every task was a context switch per task.
         self._next_look = 0.0
+        # How long the thread sleeps with no run to renew: a third of the shortest lease seen,
+        # so that a new run (due a third of its lease from now) never falls before its next look.
+        # Sleeping longer made every short task wake it: a run ends before its outcome is
+        # written, the thread then found nothing held and went back to sleep for a minute.
+        self._idle_wait = 60.0
 
     @contextlib.contextmanager
     def hold(
@@ -99,6 +104,7 @@ class LeaseRenewer:
                 self._pid = os.getpid()
                 threading.Thread(target=self._loop, name="lease-renewer", daemon=True).start()
             self._runs[key] = run
+            self._idle_wait = min(self._idle_wait, lease_seconds / 3)
             wake = run.renew_at < self._next_look
         if wake:
             self._wake.set()
@@ -119,7 +125,7 @@ class LeaseRenewer:
                 self._renew(run)
             with self._lock:
                 next_at = min((run.renew_at for run in self._runs.values()), default=None)
-                wait = 60.0 if next_at is None else max(0.01, next_at - time.monotonic())
+                wait = self._idle_wait if next_at is None else max(0.01, next_at - time.monotonic())
                 self._next_look = time.monotonic() + wait
             self._wake.wait(wait)
 

@@ -14,10 +14,11 @@ from app.core.config import get_settings
 from app.core.db import session_scope
 from app.db.base import utcnow
 from app.tasks import service
+from app.tasks.lifecycle import Claim
 from app.tasks.models import Task
 from app.tasks.registry import RetryPolicy, TaskContext
 from app.tasks.schemas import TaskCreate
-from app.worker.runner import Outcome, execute
+from app.worker.runner import LeaseRenewer, Outcome, execute
 
 pytestmark = pytest.mark.usefixtures("embedded_env")
 
@@ -152,3 +153,37 @@ def test_lease_is_renewed_while_running() -> None:
     # A 3 s lease renewed every second: a 2.5 s run sees at least the first lease and one renewal.
     assert len(leases) >= 2
     assert record(task_id).lease_expires_at is None
+
+
+def test_short_runs_do_not_wake_the_lease_renewer() -> None:
+    """A run shorter than a third of its lease is never renewed: its renewer thread stays asleep.
+
+    It used to sleep a minute when it held nothing, so that every new run, due for renewal in a
+    third of its lease, woke it: a thread switch per task in a worker running short tasks.
+    """
+    renewer = LeaseRenewer()
+    wakes = 0
+
+    class CountingEvent(threading.Event):
+        def set(self) -> None:
+            nonlocal wakes
+            wakes += 1
+            super().set()
+
+    renewer._wake = CountingEvent()
+    for delivery in range(1, 41):
+        claim = Claim(
+            task_id=uuid.uuid4(),
+            attempt=1,
+            delivery=delivery,
+            type="noop",
+            payload={},
+            max_attempts=1,
+            run_after=utcnow(),
+        )
+        ctx = TaskContext(task_id=str(claim.task_id), attempt=1, delivery=delivery)
+        with renewer.hold(claim=claim, ctx=ctx, lease_seconds=30):
+            pass
+        # The outcome's write happens here, after the hold: the renewer's thread may run.
+        time.sleep(0.005)
+    assert wakes == 0
