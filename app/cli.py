@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from app import remote
+from app.core import collector
 from app.core.config import ConfigError, get_settings
 
 cli = typer.Typer(
@@ -28,6 +29,15 @@ cli = typer.Typer(
 logger = logging.getLogger("taskdock.cli")
 
 ExtraArgs = {"allow_extra_args": True, "ignore_unknown_options": True}
+# The commands that turn the garbage collector back on themselves once built
+# (app/core/collector.py); every other command does as it starts.
+SERVERS = {"api", "worker", "dispatcher"}
+
+
+@cli.callback()
+def _start(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand not in SERVERS:
+        collector.resume()
 
 
 def _setup(role: str) -> None:
@@ -81,6 +91,9 @@ def api(
     # Before anything imports prometheus_client; the server's workers inherit it.
     prepare_multiprocess_dir(settings.metrics_dir, "api")
     _setup("api")
+    if (workers or settings.api_workers) > 1:
+        # This process only supervises; the workers are new interpreters (app/core/collector.py).
+        collector.resume()
     uvicorn.run(
         "app.main:app",
         host=host or settings.api_host,
@@ -143,6 +156,7 @@ def dispatcher() -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    collector.resume()
     loop.run_forever(heartbeat_file=settings.dispatcher_heartbeat_file)
 
 
@@ -745,6 +759,7 @@ def _inode(path: Path) -> int | None:
 
 
 def main() -> None:
+    collector.pause()
     from sqlalchemy.exc import DBAPIError
 
     try:

@@ -13,6 +13,7 @@ from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from prometheus_client import CollectorRegistry
 
 from app.api.deps import Database
+from app.api.errors import install_error_handlers
 from app.api.health import router as health_router
 from app.api.metrics import StateCollector
 from app.api.metrics import router as metrics_router
@@ -20,13 +21,11 @@ from app.api.middleware import Guard, RequestMiddleware
 from app.api.ratelimit import RateLimiter
 from app.api.router import api_router
 from app.auth.service import KeyCache
-from app.console.queries import ChartMinutes
-from app.console.router import mount as mount_console
-from app.core import metrics
+from app.console.mount import mount as mount_console
+from app.core import collector, metrics
 from app.core.celery import create_celery_app
 from app.core.config import Settings, get_settings, warn_unknown_variables
 from app.core.db import configure
-from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
 from app.tasks.events import EventHub
 from app.tasks.publication import Publisher, Submitter
@@ -52,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if not settings.auth_enabled:
             logger.warning("authentication is OFF: anyone who reaches the API can use it")
+        collector.resume()
         yield
         app.state.publisher.close()
         await app.state.events.close()
@@ -77,8 +77,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.rate_limiter = RateLimiter(settings)
     app.state.key_cache = KeyCache(seconds=settings.api_key_cache_seconds)
-    # The console chart's closed minutes, per owner (app.console.queries.ChartMinutes).
-    app.state.chart_minutes = ChartMinutes()
     app.state.state_registry = CollectorRegistry(auto_describe=False)
     app.state.state_registry.register(StateCollector(celery_app, settings=settings))
     app.state.state_registry.register(DeliveryCollector())
@@ -105,7 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_router)
     app.include_router(health_router)
     app.include_router(metrics_router)
-    # HTML pages with their own session and error pages, outside the /api JSON handling.
+    # HTML pages with their own session and error pages, outside the /api JSON handling; built
+    # on the first request for one (app/console/mount.py).
     mount_console(app)
     return app
 

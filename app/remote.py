@@ -11,13 +11,14 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
 
-from app.client import ApiError, Client, InvalidRequest, Task
 from app.tasks.states import TERMINAL, TaskStatus
+
+if TYPE_CHECKING:
+    from app.client import Client, Task
 
 tasks = typer.Typer(
     help="Submit, list, show, cancel and retry tasks on a running taskdock (TASKDOCK_URL).",
@@ -40,6 +41,13 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 @contextmanager
 def _client(url: str, api_key: str | None) -> Iterator[Client]:
+    # Imported here, not above: every `taskdock` command (the API and the worker too) imports
+    # this module to list its commands, and httpx with the client's models cost the API's
+    # process 60 ms and 6 MB at start that it never uses (bench/results/2026-12-04-abfp-*).
+    import httpx
+
+    from app.client import ApiError, Client, InvalidRequest
+
     try:
         with Client(url, api_key=api_key) as client:
             yield client

@@ -232,3 +232,17 @@ def test_status_flags_a_queue_no_worker_consumes_and_lists_the_workers(
     assert 'taskdock_queue_consumers{queue="side"} 0.0' in metrics
     assert 'taskdock_queue_waiting{queue="side"} 1.0' in metrics
     assert 'taskdock_queue_consumers{queue="default"} 1.0' in metrics
+
+
+def test_the_command_line_loads_no_web_framework_nor_http_client() -> None:
+    # Every process imports app.cli to find its command; a worker has no use for FastAPI, and
+    # no server for httpx (with it, rich and pygments for httpx's own command line): 60 ms and
+    # 6 MB of the API's start (`taskdock tasks` imports the client when it runs).
+    heavy = "{'fastapi', 'httpx', 'jinja2', 'rich'}"
+    code = f"import sys, app.cli; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"

@@ -2,6 +2,8 @@
 
 A map, outside in:
 
+- `mount.py`: where the console joins the app. Its routes are built on the first request under
+  /console, so an API process that never serves a page never loads them (nor Jinja2).
 - `router.py`: the pages (overview, tasks, task detail with its runs and webhook deliveries,
   submit, task types, login), the small JSON routes their script reads for live updates, and
   `/console/events`, the task event stream (app/tasks/events.py) that tells the script when to

@@ -17,9 +17,9 @@ from pydantic import ValidationError
 
 from app.auth.dependencies import owner_filter
 from app.auth.service import Principal, Scope
+from app.console.mount import PREFIX
 from app.console.router import (
     BULK_FILTERS,
-    PREFIX,
     ConsoleRoute,
     SessionDep,
     allow,

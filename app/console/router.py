@@ -29,6 +29,7 @@ from app.auth.exceptions import MissingScope
 from app.auth.service import Principal, Scope
 from app.console import queries
 from app.console.forms import fields_of, payload_of
+from app.console.mount import PREFIX
 from app.console.session import (
     LOGIN_COOKIE,
     SECURITY_HEADERS,
@@ -47,7 +48,6 @@ from app.tasks.schemas import TaskCreate, TaskRead, TaskRunRead
 from app.tasks.states import UNFINISHED, TaskStatus
 from app.webhooks.schemas import DeliveryRead
 
-PREFIX = "/console"
 HERE = Path(__file__).parent
 # Autoescape on every template (the .svg too, which select_autoescape's default would skip).
 templates = Jinja2Templates(
@@ -724,11 +724,14 @@ async def task_types(request: Request, session: SessionDep) -> Response:
 
 
 def mount(app: FastAPI) -> None:
-    """Serve the console from this app, with its own session signer."""
+    """Serve the console from this app, with its own session signer and chart minutes (called
+    by app.console.mount on the first console request)."""
     # Imported here: their routes build on this module's helpers.
     from app.console import bulk, schedules
 
     app.state.console_sessions = Sessions(settings=app.state.settings)
+    # The console chart's closed minutes, per owner.
+    app.state.chart_minutes = queries.ChartMinutes()
     app.include_router(router)
     app.include_router(bulk.router)
     app.include_router(schedules.router)

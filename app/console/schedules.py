@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from app.auth.dependencies import owner_filter
 from app.auth.service import Scope
+from app.console.mount import PREFIX
 from app.console.router import (
-    PREFIX,
     ConsoleRoute,
     SessionDep,
     allow,

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery, bootsteps, signals
 from kombu.asynchronous.timer import Timer
 
+from app.core import collector
 from app.core.config import Settings, warn_unknown_variables
 from app.core.logging import configure_logging
 from app.core.multiproc import MULTIPROC_ENV
@@ -210,6 +211,12 @@ def install_worker_hooks(app: Celery, settings: Settings) -> None:
         # Connecting this signal stops Celery from configuring logging its own way.
         configure_logging(level=settings.log_level, fmt=settings.log_format)
         warn_unknown_variables()
+
+    @signals.worker_init.connect(weak=False)
+    def _built(**_: Any) -> None:
+        # Before the pool's children are forked: they inherit what it froze
+        # (app/core/collector.py).
+        collector.resume()
 
     @signals.worker_init.connect(weak=False)
     def _serve_metrics(**_: Any) -> None:

@@ -204,3 +204,39 @@ def test_every_error_has_the_one_documented_shape(embedded_client: TestClient) -
         assert body.message, name
     assert answers["key reused"].json()["task_id"] == first.json()["id"]
     assert answers["cancel twice"].json()["status"] == "CANCELLED"
+
+
+def test_the_document_describes_every_error_answer_as_the_one_shape(
+    embedded_client: TestClient,
+) -> None:
+    from app.core.errors import ErrorBody
+
+    document = embedded_client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    errors = {
+        (path, method, status): answer
+        for path, operations in document["paths"].items()
+        if path.startswith("/api/")
+        for method, operation in operations.items()
+        for status, answer in operation["responses"].items()
+        if status[0] in "45"
+    }
+
+    # Every route's 4xx and 5xx answers, as JSON (the event stream's too: its errors are not
+    # events), by a reference that the document resolves to ErrorBody.
+    assert len(errors) > 100
+    for where, answer in errors.items():
+        assert answer["content"] == {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+        }, where
+    assert set(schemas["ErrorBody"]["properties"]) == set(ErrorBody.model_fields)
+    assert refs(document) <= {f"#/components/schemas/{name}" for name in schemas}
+
+
+def refs(node: object) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["$ref"]} if isinstance(node.get("$ref"), str) else set()
+        return found.union(*(refs(value) for value in node.values()))
+    if isinstance(node, list):
+        return set().union(*(refs(value) for value in node))
+    return set()

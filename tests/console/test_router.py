@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import html
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.console.conftest import Keys, hidden, login
+from tests.support.stack import base_env
 
 HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>"
 
@@ -396,3 +400,36 @@ def test_auth_off_needs_no_login_and_sqlite_refuses_containment(
     refused = embedded_client.get("/console/tasks", params={"contains": '{"seconds": 0}'})
     assert refused.status_code == 422
     assert "PostgreSQL" in refused.text
+
+
+def test_an_api_process_builds_the_console_on_its_first_page(embedded_env: dict[str, str]) -> None:
+    # Most API processes never serve a page: the console's routes and templates are built on
+    # the first request for one (app/console/mount.py), and then served as if always there.
+    code = """
+import sys
+from fastapi.testclient import TestClient
+from app.main import create_app
+app = create_app()
+loaded = lambda: "app.console.router" in sys.modules or "jinja2" in sys.modules
+with TestClient(app) as client:
+    print("at start:", loaded(), client.get("/health/live").status_code, loaded())
+    first = client.get("/console")
+    print("first page:", first.status_code, "content-security-policy" in first.headers, loaded())
+    print("again:", client.get("/console").status_code, client.get("/console/x").status_code)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=base_env(Path(embedded_env["TASKDOCK_DATA_DIR"])) | embedded_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if not line.startswith("{")]
+    assert lines == [
+        "at start: False 200 False",
+        "first page: 200 True True",
+        "again: 200 404",
+    ], done.stdout[-3000:]

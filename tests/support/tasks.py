@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import time
@@ -144,3 +145,9 @@ def big_result(payload: BigResultInput, ctx: TaskContext) -> dict[str, str]:
 )
 def short_lived(payload: CrashInput, ctx: TaskContext) -> None:
     """Keeps its own retention: SUCCEEDED records for an hour, FAILED ones forever."""
+
+
+@task_type("tests.collector", input=CrashInput)
+def collector(payload: CrashInput, ctx: TaskContext) -> dict[str, object]:
+    """The garbage collector's state in the pool process that runs it (app/core/collector.py)."""
+    return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(), "pid": os.getpid()}
