@@ -20,7 +20,7 @@ PREFIX = "/console"
 
 class _Deferred(BaseRoute):
     def __init__(self, app: FastAPI) -> None:
-        self.app = app
+        self._app = app
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         if scope["type"] == "http":
@@ -34,13 +34,13 @@ class _Deferred(BaseRoute):
         raise NoMatchFound(name, path_params)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        routes = self.app.router.routes
+        routes = self._app.router.routes
         if self in routes:
             from app.console.router import mount as include
 
             routes.remove(self)
-            include(self.app)
-        await self.app.router(scope, receive, send)
+            include(self._app)
+        await self._app.router(scope, receive, send)
 
 
 def mount(app: FastAPI) -> None:

@@ -11,13 +11,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from app.core import collector
 from tests.support.services import free_port, wait_for
-from tests.support.stack import Proc, Stack, base_env, wait_status
+from tests.support.stack import Proc, Stack, base_env, wait_status, wait_until_answering
 
 # `taskdock ARGS` as its console script runs it, telling the collector's state at exit and on
 # SIGUSR2 (which neither uvicorn nor Celery uses; uvicorn ends on the signal it stopped for,
@@ -89,15 +88,7 @@ def test_the_api_dispatcher_and_worker_collect_with_their_start_frozen(
 ) -> None:
     port = free_port()
     api = probe(stack, "api", "api", "--port", str(port))
-
-    def up() -> bool:
-        assert api.alive(), api.output()[-3000:]
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, timeout=60, what="the api")
+    wait_until_answering(api, f"http://127.0.0.1:{port}/health/ready")
     heartbeat = Path(stack.env["TASKDOCK_DISPATCHER_HEARTBEAT_FILE"])
     heartbeat.unlink(missing_ok=True)
     dispatcher = probe(stack, "dispatcher", "dispatcher")

@@ -25,8 +25,8 @@ from app.core.db import session_scope
 from app.tasks.models import Task
 from tests.conftest import migrate_now
 from tests.support import services
-from tests.support.services import RedisServer, free_port, wait_for
-from tests.support.stack import Stack, base_env, running_stack, wait_status
+from tests.support.services import RedisServer, free_port
+from tests.support.stack import Stack, base_env, running_stack, wait_status, wait_until_answering
 
 pytestmark = pytest.mark.slow
 
@@ -398,15 +398,7 @@ def test_an_api_killed_between_its_commit_and_its_publish_loses_nothing(
         env={**env, "TASKDOCK_REPUBLISH_AFTER_SECONDS": "10"},
     )
     base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert doomed.alive(), doomed.output()[-3000:]
-        try:
-            return httpx.get(f"{base}/health/live", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, timeout=60, what="the doomed api")
+    wait_until_answering(doomed, f"{base}/health/live")
     body = {"type": "process_data", "payload": {"user_id": 7, "data": "x"}}
     with pytest.raises(httpx.HTTPError):
         httpx.post(f"{base}/api/v1/tasks", json=body, timeout=10)  # no answer: it died

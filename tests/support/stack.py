@@ -175,15 +175,7 @@ class Stack:
         port = port or free_port()
         proc = self.taskdock(name, "api", "--port", str(port), "--workers", str(workers))
         base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert proc.alive(), proc.output()[-3000:]
-            try:
-                return httpx.get(f"{base}/health/live", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout=60, what=f"api {name}")
+        wait_until_answering(proc, f"{base}/health/live")
         return proc, base
 
     def stop_all(self) -> None:
@@ -192,6 +184,19 @@ class Stack:
 
     def dump_logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.output()[-4000:]}" for p in self.procs)
+
+
+def wait_until_answering(proc: Proc, url: str) -> None:
+    """Until the API server `proc` answers `url` with 200; at once if it died."""
+
+    def up() -> bool:
+        assert proc.alive(), proc.output()[-3000:]
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=60, what=f"api {proc.name}")
 
 
 @contextmanager
