@@ -19,7 +19,7 @@ from app.api.metrics import StateCollector
 from app.api.metrics import router as metrics_router
 from app.api.middleware import Guard, RequestMiddleware
 from app.api.ratelimit import RateLimiter
-from app.api.router import api_router
+from app.api.router import include_api
 from app.auth.service import KeyCache
 from app.console.mount import mount as mount_console
 from app.core import collector, metrics
@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMiddleware, max_bytes=settings.max_body_bytes, guards=guards)
     # Routes are matched in order: the API's first, since its polls and submits are most of
     # the traffic (probes and scrapes come every few seconds).
-    app.include_router(api_router)
+    include_api(app)
     app.include_router(health_router)
     app.include_router(metrics_router)
     # HTML pages with their own session and error pages, outside the /api JSON handling; built

@@ -2,6 +2,8 @@
 
 1. Submit efficiency: sustained POST /api/v1/tasks (validation, durable insert, 202, publish)
    under wrk ÷ raw Celery `send_task` rate from one process on the same Redis.
+1c. Submit's floor (bench/submit_floor_app.py), in the same rounds: a bare FastAPI POST with
+   group commit and one Redis pipeline per batch, no auth, limits, middleware or metrics.
 1b. The same with TASKDOCK_PUBLISH_ON_SUBMIT=false: the API only records, and a dispatcher
    (running beside it, on the same cores) publishes each task, woken by the commit.
 4. Poll efficiency: GET /api/v1/tasks/{id} ÷ a hello-world GET served with the same uvicorn
@@ -41,7 +43,7 @@ SUBMIT_BODY = {"type": "process_data", "payload": {"user_id": 7, "data": "benchm
 
 def estimate(options: Options) -> float:
     enqueue = options.enqueue_count / 1500
-    pairs = options.rounds * (2 * (options.seconds + enqueue) + 2 * options.seconds + 5)
+    pairs = options.rounds * (2 * (options.seconds + enqueue) + 3 * options.seconds + 5)
     sweep = 3 * len(options.sweep_connections) * (options.sweep_seconds + 0.5)
     return 15 + pairs + sweep
 
@@ -147,12 +149,25 @@ def run(options: Options) -> dict[str, Any]:
         floor_url = f"{floor}/tasks/{task['id']}"
         wait_for(lambda: http_status(floor_url) == 200, timeout=30, what="poll floor app")
 
+        # Submit's minimal prototype (bench/submit_floor_app.py), measured in the same rounds.
+        _, submit_floor = serve(bench, env, name="submit-floor", app="bench.submit_floor_app:app")
+        wait_for(
+            lambda: http_status(f"{submit_floor}/openapi.json") == 200,
+            timeout=30,
+            what="submit floor app",
+        )
+
         ui.log("[bold]metric 1: submit efficiency[/bold]")
         submit = rounds(
             "submit efficiency",
             lambda: _wrk_sample(f"{api}/api/v1/tasks", options, script=script),
             lambda: raw_enqueue_rate(broker, options.enqueue_count),
             options.rounds,
+            peers={
+                "fastapi_group_commit_floor": lambda: _wrk_sample(
+                    f"{submit_floor}/tasks", options, script=script
+                )
+            },
         )
         # Its own API and a dispatcher, the dispatcher's work counted in the same cores.
         outbox_env = {**env, "TASKDOCK_PUBLISH_ON_SUBMIT": "false"}

@@ -130,7 +130,7 @@ async def list_tasks(
 
 @router.api_route("/tasks/cancel", methods=["GET"], include_in_schema=False)
 @router.api_route("/tasks/retry", methods=["GET"], include_in_schema=False)
-async def bulk_routes_take_post() -> None:
+async def bulk_routes_take_post(_: CanRead) -> None:
     # Registered before GET /tasks/{task_id}, which would otherwise take these paths and
     # answer 422 (not a UUID) where the method is what is wrong.
     raise StarletteHTTPException(status.HTTP_405_METHOD_NOT_ALLOWED, headers={"Allow": "POST"})

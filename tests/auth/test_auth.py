@@ -9,9 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
+from app.api.router import ROUTERS, unguarded
 from app.auth import service
+from app.auth.dependencies import CanRead
 from app.auth.service import Scope
 from app.core.db import session_scope
 from tests.conftest import migrate_now
@@ -55,6 +58,47 @@ def test_api_routes_need_a_key(api: TestClient) -> None:
         assert response.status_code == 401, (method, path, response.text)
         assert response.json()["code"] == "not_authenticated"
         assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_every_documented_api_route_needs_a_key_and_shows_the_bearer_scheme(
+    api: TestClient,
+) -> None:
+    document = api.get("/openapi.json").json()
+    assert document["components"]["securitySchemes"] == {
+        "HTTPBearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key from `taskdock keys create`.",
+        }
+    }
+    operations = [
+        (method.upper(), path, operation)
+        for path, item in document["paths"].items()
+        if path.startswith("/api/")
+        for method, operation in item.items()
+    ]
+    assert len(operations) >= 15
+    some_id = str(uuid.uuid4())
+    for method, path, operation in operations:
+        assert operation["security"] == [{"HTTPBearer": []}], (method, path)
+        concrete = path.replace("{task_id}", some_id).replace("{schedule_id}", some_id)
+        response = api.request(method, concrete, json={} if method != "GET" else None)
+        assert response.status_code == 401, (method, path, response.text)
+
+
+def test_an_api_route_that_takes_no_key_check_is_never_built() -> None:
+    assert sum(len(router.routes) for router in ROUTERS) >= 15
+    assert unguarded(ROUTERS) == []
+
+    router = APIRouter()
+
+    @router.get("/guarded")
+    async def guarded(_: CanRead) -> None: ...
+
+    @router.get("/forgotten")
+    async def forgotten() -> None: ...
+
+    assert unguarded((router,)) == ["['GET'] /forgotten"]
 
 
 def revoke(headers: dict[str, str]) -> None:
