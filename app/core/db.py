@@ -163,7 +163,6 @@ class Statements:
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
         self._pool = engine.sync_engine.pool
         self.compiled = CompiledStatements(psycopg_dialect.dialect())  # type: ignore[no-untyped-call]
 
