@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.warning("authentication is OFF: anyone who reaches the API can use it")
         collector.resume()
         yield
-        app.state.publisher.close()
+        await app.state.publisher.close()
         await app.state.events.close()
         await app.state.database.close()
 

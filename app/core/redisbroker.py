@@ -16,19 +16,68 @@ CaseInsensitiveDict (redis/redis-py#3624): 15% of a worker consumer's CPU in a p
 the channel keeps one per pool and hands it out again; a new pool (kombu drops its pools when
 the broker connection is lost) gets a new client.
 
+The API publishes from its event loop (app.tasks.publication.Publisher): kombu builds each
+message and routes it to its Redis commands (`Channel.collect`), which redis.asyncio then sends
+in one pipeline. kombu stays the one that knows the wire format; only the socket is not its.
+
 Used for redis:// (see app.core.celery.transport).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+Command = tuple[str, tuple[Any, ...]]
+
+
+class Collected:
+    """A publish batch (kombu's `Producer.batch` session) that keeps the Redis commands kombu
+    routes each message to, instead of sending them: LPUSH to the priority's list, and the
+    queue's PEXPIREs where it has an expiry."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.commands: list[Command] = []
+
+    def publish(self, message: Any, **kwargs: Any) -> Any:
+        return self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+
+    def add(self, name: str, *args: Any) -> None:
+        self.commands.append((name, args))
+
+    def flush(self) -> None:
+        """Nothing to send: the caller sends `commands`."""
+
+    def discard(self) -> None:
+        self.commands.clear()
+
+    def close(self) -> None:
+        """Holds no connection."""
+
 
 class Channel(kombu_redis.Channel):
     _shared_client: Any = None
+    _collected: Collected | None = None
+
+    @contextmanager
+    def collect(self) -> Iterator[list[Command]]:
+        """Within, a producer's `batch()` on this channel touches no socket: the commands of
+        its messages are appended to the list yielded. A producer's `declare=` still would."""
+        collected = self._collected = Collected(self)
+        try:
+            yield collected.commands
+        finally:
+            self._collected = None
+
+    def create_publish_batch(self, max_size: int) -> Any:
+        if self._collected is not None:
+            return self._collected
+        return super().create_publish_batch(max_size)  # type: ignore[misc]
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection.client is None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from app.api.deps import Database
@@ -72,7 +77,7 @@ def test_a_row_the_database_refuses_fails_alone(backend: dict[str, str]) -> None
                 return_exceptions=True,
             )
         finally:
-            publisher.close()
+            await publisher.close()
             await database.close()
         return [outcome if isinstance(outcome, BaseException) else None for outcome in outcomes]
 
@@ -106,7 +111,7 @@ def submit_five() -> list[tuple[dict[str, Any] | Task, bool]]:
                 )
             )
         finally:
-            publisher.close()
+            await publisher.close()
             await database.close()
 
     answers = asyncio.run(main())
@@ -172,7 +177,7 @@ def test_the_quota_counts_a_keys_unfinished_tasks(backend: dict[str, str]) -> No
                 except QuotaExceeded as exc:
                     answers.append(exc.code)
         finally:
-            publisher.close()
+            await publisher.close()
             await database.close()
         return answers
 
@@ -228,3 +233,115 @@ def test_a_message_is_the_one_celerys_send_task_makes(
     assert {k: v for k, v in own.properties.items() if k not in ignored} == {
         k: v for k, v in celerys.properties.items() if k not in ignored
     }
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path, configure: object) -> Iterator[services.RedisServer]:
+    """A redis-server of this test's own as the broker: it may be paused."""
+    server = services.RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        configure(base_env(tmp_path / "data", TASKDOCK_BROKER_URL=server.url))  # type: ignore[operator]
+        yield server
+    finally:
+        if server.process is not None:
+            server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+def bell_for(queue: str, task_id: uuid.UUID) -> publication.Doorbell:
+    return publication.Doorbell(
+        task_id=task_id,
+        attempt=1,
+        type="process_data",
+        queue=queue,
+        priority=5,
+        limits=time_limits("process_data", settings=get_settings()),
+        request_id="loop-1",
+    )
+
+
+def counting_threads(publisher: Publisher) -> list[int]:
+    """How many batches went through the publisher's thread."""
+    calls: list[int] = []
+    in_thread = publisher._send_in_thread
+
+    def counted(bells: list[publication.Doorbell]) -> tuple[int, Exception | None]:
+        calls.append(len(bells))
+        return in_thread(bells)
+
+    publisher._send_in_thread = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_once_warm_the_event_loop_sends_the_message_the_thread_sent(
+    private_redis: services.RedisServer,
+) -> None:
+    app = services.celery_app()
+    queue = f"loop-{uuid.uuid4().hex[:8]}"
+    app.amqp.queues[queue]  # known before the publisher warms up, as every queue is at start
+    bell = bell_for(queue, uuid.uuid4())
+
+    async def main() -> tuple[list[bool], list[int]]:
+        publisher = Publisher(app, timeout=2.0)
+        threads = counting_threads(publisher)
+        try:
+            # The first batch opens the loop's channel, from the thread.
+            sent = [await publisher.publish(bell)]
+            sent += [await publisher.publish(bell), await publisher.publish(bell)]
+        finally:
+            await publisher.close()
+        return sent, threads
+
+    sent, threads = asyncio.run(main())
+
+    assert sent == [True, True, True]
+    assert threads == [1]  # the later two went from the event loop
+    broker = redis.Redis(port=private_redis.port)
+    keys = broker.keys(f"{queue}*")
+    assert len(keys) == 1  # one priority's list: the same routing
+    messages = [json.loads(raw) for raw in reversed(broker.lrange(keys[0], 0, -1))]
+    for message in messages:
+        assert message["properties"].pop("delivery_tag")
+        # Celery's reply queue for this thread (`app.thread_oid`): taskdock's jobs send none.
+        assert message["properties"].pop("reply_to")
+    assert messages[1] == messages[0]
+    assert messages[2] == messages[0]
+    assert messages[0]["headers"]["id"] == f"{bell.task_id}.1"
+    assert messages[0]["headers"]["taskdock_type"] == "process_data"
+
+
+def test_a_broker_gone_silent_after_warm_up_costs_the_timeout_and_then_recovers(
+    private_redis: services.RedisServer,
+) -> None:
+    app = services.celery_app()
+    bell = bell_for("default", uuid.uuid4())
+    assert private_redis.process is not None
+    pid = private_redis.process.pid
+
+    async def main() -> tuple[list[bool], float, list[int]]:
+        publisher = Publisher(app, timeout=1.0, quiet_seconds=0.5)
+        threads = counting_threads(publisher)
+        pipeline = publisher._loop_pipeline
+        assert pipeline is not None
+        try:
+            sent = [await publisher.publish(bell)]  # from the thread, which warms up
+            assert pipeline.takes([bell])
+            os.kill(pid, signal.SIGSTOP)  # its connections stay open, and nothing answers
+            started = time.monotonic()
+            sent.append(await publisher.publish(bell))
+            elapsed = time.monotonic() - started
+            assert publisher.quiet
+            assert not pipeline.takes([bell])  # the thread opens a channel afresh
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(0.6)
+            sent += [await publisher.publish(bell), await publisher.publish(bell)]
+        finally:
+            await publisher.close()
+        return sent, elapsed, threads
+
+    sent, elapsed, threads = asyncio.run(main())
+
+    assert sent == [True, False, True, True]
+    assert 0.9 < elapsed < 1.5  # TASKDOCK_PUBLISH_TIMEOUT, not the socket's 5 s
+    assert threads == [1, 1]  # the first after warm-up and the first after the pause
