@@ -184,6 +184,18 @@ def test_the_quota_counts_a_keys_unfinished_tasks(backend: dict[str, str]) -> No
     assert asyncio.run(main()) == ["ok", "quota_exceeded", "ok"]
 
 
+def bell_for(queue: str, *, attempt: int = 1, priority: int = 5) -> publication.Doorbell:
+    return publication.Doorbell(
+        task_id=uuid.uuid4(),
+        attempt=attempt,
+        type="process_data",
+        queue=queue,
+        priority=priority,
+        limits=time_limits("process_data", settings=get_settings()),
+        request_id="bell-1",
+    )
+
+
 def test_a_message_is_the_one_celerys_send_task_makes(
     backend: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -191,15 +203,7 @@ def test_a_message_is_the_one_celerys_send_task_makes(
     makes, so any Celery worker, `celery inspect` and Flower read it."""
     app = services.celery_app()
     queue = f"format-{uuid.uuid4().hex[:8]}"
-    bell = publication.Doorbell(
-        task_id=uuid.uuid4(),
-        attempt=2,
-        type="process_data",
-        queue=queue,
-        priority=3,
-        limits=time_limits("process_data", settings=get_settings()),
-        request_id="format-1",
-    )
+    bell = bell_for(queue, attempt=2, priority=3)
 
     def publish(*, celerys_own: bool) -> Any:
         monkeypatch.setattr(publication, "_celery_listens", lambda _app: celerys_own)
@@ -249,18 +253,6 @@ def private_redis(tmp_path: Path, configure: object) -> Iterator[services.RedisS
         server.stop()
 
 
-def bell_for(queue: str, task_id: uuid.UUID) -> publication.Doorbell:
-    return publication.Doorbell(
-        task_id=task_id,
-        attempt=1,
-        type="process_data",
-        queue=queue,
-        priority=5,
-        limits=time_limits("process_data", settings=get_settings()),
-        request_id="loop-1",
-    )
-
-
 def counting_threads(publisher: Publisher) -> list[int]:
     """How many batches went through the publisher's thread."""
     calls: list[int] = []
@@ -280,7 +272,7 @@ def test_once_warm_the_event_loop_sends_the_message_the_thread_sent(
     app = services.celery_app()
     queue = f"loop-{uuid.uuid4().hex[:8]}"
     app.amqp.queues[queue]  # known before the publisher warms up, as every queue is at start
-    bell = bell_for(queue, uuid.uuid4())
+    bell = bell_for(queue)
 
     async def main() -> tuple[list[bool], list[int]]:
         publisher = Publisher(app, timeout=2.0)
@@ -315,7 +307,7 @@ def test_a_broker_gone_silent_after_warm_up_costs_the_timeout_and_then_recovers(
     private_redis: services.RedisServer,
 ) -> None:
     app = services.celery_app()
-    bell = bell_for("default", uuid.uuid4())
+    bell = bell_for("default")
     assert private_redis.process is not None
     pid = private_redis.process.pid
 
