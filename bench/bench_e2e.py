@@ -54,6 +54,7 @@ from bench.common import (
 )
 from bench.tasks import LATENCY_KEY
 
+NOOP_BODY: dict[str, Any] = {"type": "bench.noop", "payload": {}}
 UNFINISHED = "SELECT count(*) FROM task WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')"
 DRAIN_TIMEOUT = 900.0
 # The peers, by their key in the results: Celery with one of its own result backends.
@@ -225,18 +226,23 @@ def drained(bench: Bench) -> None:
     wait_for(lambda: bench.scalar(UNFINISHED) == 0, timeout=DRAIN_TIMEOUT, what="tasks", every=0.1)
 
 
-def taskdock_throughput(stack: Stack, options: Options) -> dict[str, Any]:
-    bench = stack.bench
-    script = submit_script(bench.work / "noop.lua", {"type": "bench.noop", "payload": {}})
-    before = bench.scalar("SELECT max(created_at) FROM task")
-    meter = CpuMeter(stack.taskdock_groups).start()
+def submit_round(bench: Bench, api: str, options: Options) -> None:
+    """wrk submitting no-op tasks for one round, then every task they made finished."""
+    script = submit_script(bench.work / "noop.lua", NOOP_BODY)
     wrk(
-        f"{stack.api}/api/v1/tasks",
+        f"{api}/api/v1/tasks",
         seconds=options.seconds,
         connections=options.connections,
         script=script,
     )
     drained(bench)
+
+
+def taskdock_throughput(stack: Stack, options: Options) -> dict[str, Any]:
+    bench = stack.bench
+    before = bench.scalar("SELECT max(created_at) FROM task")
+    meter = CpuMeter(stack.taskdock_groups).start()
+    submit_round(bench, stack.api, options)
     cpu = meter.stop()
     done, failed, first, last = bench.row(
         "SELECT count(*) FILTER (WHERE status = 'SUCCEEDED'),"

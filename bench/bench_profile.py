@@ -11,6 +11,12 @@ SQLAlchemy runs inside a greenlet (`AsyncSession.run_sync`) is sampled as a stac
 own, rooted at the greenlet.
 The raw `send_task` baseline is CPU-bound in one thread: its CPU per message is 1 / its rate.
 
+The worker's side (where end-to-end's CPU goes, metrics 2 and 5): a taskdock worker (prefork,
+the e2e concurrency) runs the no-op tasks wrk submits for one round, until every one has
+finished, while one py-spy samples its Celery consumer (the prefork parent: delivery, acks,
+the pool's bookkeeping) and one each of its pool children (the runs: claim, job, outcome).
+Reported per task: CPU milliseconds of each side, and the same shares as for a request.
+
 py-spy needs ptrace: as root, or with kernel.yama.ptrace_scope = 0 and the same user. When it
 cannot attach, the report says so and the CPU figures stand alone.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -28,11 +35,13 @@ from typing import Any
 import httpx
 
 from bench.bench_api import SUBMIT_BODY, hello_server, raw_enqueue_rate
+from bench.bench_e2e import submit_round
 from bench.common import (
     AUTH,
     Options,
     bench_world,
     cpu_seconds,
+    descendants,
     submit_script,
     ui,
     wrk,
@@ -53,8 +62,11 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("SQLAlchemy", frozenset({"sqlalchemy"})),
     ("greenlet (SQLAlchemy's asyncio bridge)", frozenset({"greenlet"})),
     ("psycopg (driver and its asyncio wait)", frozenset({"psycopg", "psycopg_binary"})),
-    ("redis-py, limits (broker publish, rate limit)", frozenset({"redis", "limits"})),
-    ("Celery, kombu (publish)", frozenset({"celery", "kombu", "amqp", "vine"})),
+    ("redis-py, limits (broker, rate limit)", frozenset({"redis", "limits"})),
+    (
+        "Celery, kombu, billiard (messages, pool)",
+        frozenset({"celery", "kombu", "amqp", "vine", "billiard"}),
+    ),
     ("prometheus_client (metrics)", frozenset({"prometheus_client"})),
     ("asyncio (event loop)", frozenset({"asyncio"})),
 )
@@ -78,7 +90,7 @@ def layers_seen(profile: dict[str, Any]) -> list[str]:
 
 
 def estimate(options: Options) -> float:
-    return 30 + 3 * (options.seconds + 4) + 15
+    return 30 + 3 * (options.seconds + 4) + 15 + 30 + 2 * options.seconds
 
 
 def layer_of(path: str) -> str:
@@ -140,21 +152,17 @@ def breakdown(text: str) -> dict[str, Any]:
     }
 
 
-def profiled_load(
-    pid: int, url: str, options: Options, work: Path, name: str, script: Path | None = None
-) -> dict[str, Any]:
-    """wrk on `url` while py-spy samples `pid`; CPU ms per request from /proc."""
-    raw = work / f"{name}.pyspy.txt"
-    seconds = options.seconds
-    spy_args = [
+def spy_args(pid: int, raw: Path, seconds: float | None) -> list[str]:
+    """py-spy recording `pid` into `raw`, for `seconds` or until SIGINT."""
+    duration = ["--duration", str(int(seconds))] if seconds is not None else []
+    return [
         str(Path(sys.executable).with_name("py-spy")),  # the dev extra installs it beside Python
         "record",
         "--pid",
         str(pid),
         "--rate",
         str(RATE_HZ),
-        "--duration",
-        str(int(seconds)),
+        *duration,
         "--format",
         "raw",
         "--nonblocking",
@@ -162,11 +170,20 @@ def profiled_load(
         "--output",
         str(raw),
     ]
+
+
+def profiled_load(
+    pid: int, url: str, options: Options, work: Path, name: str, script: Path | None = None
+) -> dict[str, Any]:
+    """wrk on `url` while py-spy samples `pid`; CPU ms per request from /proc."""
+    raw = work / f"{name}.pyspy.txt"
+    seconds = options.seconds
+    args = spy_args(pid, raw, seconds)
     spy_result: dict[str, Any] = {}
 
     def spy() -> None:
         try:
-            done = subprocess.run(spy_args, capture_output=True, text=True)
+            done = subprocess.run(args, capture_output=True, text=True)
         except OSError as exc:
             spy_result["stderr"] = f"cannot run py-spy: {exc}"
             return
@@ -191,6 +208,58 @@ def profiled_load(
     return out
 
 
+def profiled_worker(options: Options) -> dict[str, Any]:
+    """A worker running the no-op tasks of one wrk round: its consumer's and its pool's CPU
+    per task, and where py-spy saw it go."""
+    with bench_world("profile-worker") as bench:
+        env = bench.env()
+        _, base = bench.api(env)
+        worker = bench.worker(env, options.concurrency)
+        children = descendants(worker.pid)
+        # `taskdock worker` is Celery's main process: the consumer; its children run the tasks.
+        sides = {"consumer": [worker.pid], "pool": children}
+        spies = []
+        for side, pids in sides.items():
+            for pid in pids:
+                raw = bench.work / f"worker-{side}-{pid}.pyspy.txt"
+                spy = subprocess.Popen(
+                    spy_args(pid, raw, None),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                spies.append((side, raw, spy))
+        before = {pid: cpu_seconds(pid) or 0.0 for pids in sides.values() for pid in pids}
+        submit_round(bench, base, options)
+        cpu = {
+            side: sum((cpu_seconds(pid) or 0.0) - before[pid] for pid in pids)
+            for side, pids in sides.items()
+        }
+        texts: dict[str, list[str]] = {side: [] for side in sides}
+        errors: list[str] = []
+        for side, raw, spy in spies:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
+            _, stderr = spy.communicate(timeout=60)
+            if raw.exists():
+                texts[side].append(raw.read_text())
+            else:
+                errors.append(stderr.strip().splitlines()[-1] if stderr.strip() else "no output")
+        tasks = int(bench.scalar("SELECT count(*) FROM task WHERE type = 'bench.noop'"))
+        out: dict[str, Any] = {
+            "tasks": tasks,
+            "pool_processes": len(children),
+            "cpu_ms_per_task": {
+                side: round(1000 * seconds / max(tasks, 1), 4) for side, seconds in cpu.items()
+            },
+        }
+        for side, found in texts.items():
+            if found:
+                out[side] = breakdown("\n".join(found))
+        if errors:
+            out["profile_error"] = errors[0]
+        return out
+
+
 def run(options: Options) -> dict[str, Any]:
     with bench_world("profile") as bench:
         ui.log("[bold]profiles: where the API's CPU goes[/bold]")
@@ -199,7 +268,7 @@ def run(options: Options) -> dict[str, Any]:
         hello_proc, hello = hello_server(bench, env, name="hello-profile")
         task = httpx.post(f"{base}/api/v1/tasks", json=SUBMIT_BODY, headers=AUTH).json()
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
-        progress = ui.task("profiles", 4)
+        progress = ui.task("profiles", 5)
         result: dict[str, Any] = {"rate_hz": RATE_HZ, "connections": options.connections}
         result["poll"] = profiled_load(
             api.pid, f"{base}/api/v1/tasks/{task['id']}", options, bench.work, "poll"
@@ -216,6 +285,11 @@ def run(options: Options) -> dict[str, Any]:
         raw = raw_enqueue_rate(env["TASKDOCK_BROKER_URL"], options.enqueue_count)["value"]
         result["raw_send_task"] = {"rate": raw, "cpu_ms_per_message": round(1000 / raw, 4)}
         ui.advance(progress)
-        for name in PROFILED:
-            ui.log(f"  {name}: {result[name]['cpu_ms_per_request']:.3f} ms CPU per request")
-        return result
+    # A world of its own: the requests profiled above queued tasks no worker ran.
+    result["worker"] = profiled_worker(options)
+    ui.advance(progress)
+    for name in PROFILED:
+        ui.log(f"  {name}: {result[name]['cpu_ms_per_request']:.3f} ms CPU per request")
+    per_task = result["worker"]["cpu_ms_per_task"]
+    ui.log(f"  worker: {per_task['consumer']:.3f} + {per_task['pool']:.3f} ms CPU per task")
+    return result

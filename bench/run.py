@@ -12,7 +12,7 @@ import argparse
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from types import ModuleType
 from typing import Any
@@ -359,8 +359,7 @@ def _profile_lines(profile: dict[str, Any]) -> list[str]:
         f"wrk with {profile['connections']} connections; raw `send_task` costs "
         f"{fmt(raw['cpu_ms_per_message'])} ms of CPU per message at {fmt(raw['rate'])}/s):",
         "",
-        "| CPU per request | " + " | ".join(PROFILED.values()) + " |",
-        "| --- | " + " | ".join("---" for _ in PROFILED) + " |",
+        *_head("CPU per request", PROFILED.values()),
         "| ms of one core | "
         + " | ".join(fmt(profile[name]["cpu_ms_per_request"]) for name in PROFILED)
         + " |",
@@ -368,33 +367,80 @@ def _profile_lines(profile: dict[str, Any]) -> list[str]:
         + " | ".join(fmt(profile[name]["rate"]) for name in PROFILED)
         + " |",
     ]
-    for layer in layers_seen(profile):
-        shares = [
-            profile[name].get("profile", {}).get("layers", {}).get(layer) for name in PROFILED
-        ]
-        lines.append(
+    lines += _layer_rows(layers_seen(profile), [profile[name] for name in PROFILED])
+    for name in ("poll", "submit"):
+        lines += _function_lines(name, profile[name].get("profile", {}))
+        error = profile[name].get("profile_error")
+        if error:
+            lines += ["", f"{name}: no profile ({error.strip().splitlines()[-1]})"]
+    if "worker" in profile:
+        lines += ["", *_worker_profile_lines(profile["worker"], profile["rate_hz"])]
+    return lines
+
+
+def _head(first: str, columns: Iterable[str]) -> list[str]:
+    names = list(columns)
+    return [f"| {first} | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+
+
+def _layer_rows(layers: list[str], columns: list[dict[str, Any]]) -> list[str]:
+    """A row per layer: its share of each column's samples (self time)."""
+    rows = []
+    for layer in layers:
+        shares = [column.get("profile", {}).get("layers", {}).get(layer) for column in columns]
+        rows.append(
             f"| {layer}, share of samples (self) | "
             + " | ".join("" if share is None else f"{100 * share:.0f}%" for share in shares)
             + " |"
         )
-    for name in ("poll", "submit"):
-        found = profile[name].get("profile", {})
-        for key, what in (
-            ("taskdock_inclusive", "taskdock's functions (inclusive share of samples)"),
-            ("top_self", "the most self time"),
-        ):
-            if found.get(key):
-                lines += [
-                    "",
-                    f"{name}, {what}: "
-                    + ", ".join(
-                        f"`{function}` {100 * share:.0f}%"
-                        for function, share in list(found[key].items())[:10]
-                    ),
-                ]
-        error = profile[name].get("profile_error")
-        if error:
-            lines += ["", f"{name}: no profile ({error.strip().splitlines()[-1]})"]
+    return rows
+
+
+def _function_lines(name: str, found: dict[str, Any]) -> list[str]:
+    """The functions a profile spent most in: taskdock's (inclusive) and any (self)."""
+    lines: list[str] = []
+    for key, what in (
+        ("taskdock_inclusive", "taskdock's functions (inclusive share of samples)"),
+        ("top_self", "the most self time"),
+    ):
+        if found.get(key):
+            lines += [
+                "",
+                f"{name}, {what}: "
+                + ", ".join(
+                    f"`{function}` {100 * share:.0f}%"
+                    for function, share in list(found[key].items())[:10]
+                ),
+            ]
+    return lines
+
+
+WORKER_SIDES = {
+    "consumer": "Celery consumer (prefork parent)",
+    "pool": "pool children (the runs)",
+}
+
+
+def _worker_profile_lines(worker: dict[str, Any], rate_hz: int) -> list[str]:
+    """Where a worker's CPU per task goes, its consumer beside its pool."""
+    per_task = worker["cpu_ms_per_task"]
+    lines = [
+        f"What bounds metrics 2 and 5 on the worker's side (py-spy at {rate_hz} Hz on each "
+        f"process of a worker with {worker['pool_processes']} pool processes, running the "
+        f"{worker['tasks']:,} no-op tasks of one submit round):",
+        "",
+        *_head("CPU per task", WORKER_SIDES.values()),
+        "| ms of one core | " + " | ".join(fmt(per_task[side]) for side in WORKER_SIDES) + " |",
+    ]
+    columns = [{"profile": worker.get(side, {})} for side in WORKER_SIDES]
+    layers: list[str] = []
+    for column in columns:
+        layers += [layer for layer in column["profile"].get("layers", {}) if layer not in layers]
+    lines += _layer_rows(layers, columns)
+    for side, label in WORKER_SIDES.items():
+        lines += _function_lines(f"worker's {label}", worker.get(side, {}))
+    if worker.get("profile_error"):
+        lines += ["", f"worker: no profile ({worker['profile_error']})"]
     return lines
 
 
