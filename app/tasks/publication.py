@@ -289,8 +289,8 @@ class LoopPipeline:
     def __init__(self, app: Celery, *, timeout: float) -> None:
         self.app = app
         self.timeout = timeout
-        self._connection: Connection | None = None
-        # A kombu Producer; Any because kombu's stubs lack its batch().
+        # A kombu Producer on the channel `warm` opened (its `connection` is that channel's);
+        # Any because kombu's stubs lack its batch().
         self._producer: Any = None
         self._queues: frozenset[str] = frozenset()
         self._client: tuple[asyncio.AbstractEventLoop, redis.asyncio.Redis] | None = None
@@ -327,15 +327,14 @@ class LoopPipeline:
         except BaseException:
             connection.release()
             raise
-        self._connection = connection
         self._queues = frozenset(queue.name for queue in queues)
         self._producer = Producer(channel, auto_declare=False)
 
     def cool(self) -> Connection | None:
         """Forget the channel after a failure (the next batch warms it in the thread); returns
         the connection to release there."""
-        connection, self._connection, self._producer = self._connection, None, None
-        return connection
+        producer, self._producer = self._producer, None
+        return None if producer is None else producer.connection
 
     async def send(self, bells: Sequence[Doorbell]) -> None:
         producer = self._producer
