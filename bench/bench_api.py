@@ -129,6 +129,25 @@ def serve(bench: Bench, env: dict[str, str], *, name: str, app: str) -> tuple[Pr
     return bench.spawn(name, args, env), f"http://127.0.0.1:{port}"
 
 
+def poll_floor_server(bench: Bench, env: dict[str, str], task_id: str) -> tuple[Proc, str]:
+    """Poll's minimal prototype (bench/poll_floor_app.py), and its URL of task `task_id`."""
+    proc, base = serve(bench, env, name="poll-floor", app="bench.poll_floor_app:app")
+    url = f"{base}/tasks/{task_id}"
+    wait_for(lambda: http_status(url) == 200, timeout=30, what="poll floor app")
+    return proc, url
+
+
+def submit_floor_server(bench: Bench, env: dict[str, str]) -> tuple[Proc, str]:
+    """Submit's minimal prototype (bench/submit_floor_app.py), and its submit URL."""
+    proc, base = serve(bench, env, name="submit-floor", app="bench.submit_floor_app:app")
+    wait_for(
+        lambda: http_status(f"{base}/openapi.json") == 200,
+        timeout=30,
+        what="submit floor app",
+    )
+    return proc, f"{base}/tasks"
+
+
 def hello_server(bench: Bench, env: dict[str, str], name: str = "hello") -> tuple[Proc, str]:
     """The hello-world app (poll's baseline)."""
     proc, base = serve(bench, env, name=name, app="bench.hello_app:app")
@@ -144,18 +163,9 @@ def run(options: Options) -> dict[str, Any]:
         _, hello = hello_server(bench, env)
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
         task = httpx.post(f"{api}/api/v1/tasks", json=SUBMIT_BODY, headers=AUTH).json()
-        # Poll's minimal prototype (bench/poll_floor_app.py), measured in the same rounds.
-        _, floor = serve(bench, env, name="poll-floor", app="bench.poll_floor_app:app")
-        floor_url = f"{floor}/tasks/{task['id']}"
-        wait_for(lambda: http_status(floor_url) == 200, timeout=30, what="poll floor app")
-
-        # Submit's minimal prototype (bench/submit_floor_app.py), measured in the same rounds.
-        _, submit_floor = serve(bench, env, name="submit-floor", app="bench.submit_floor_app:app")
-        wait_for(
-            lambda: http_status(f"{submit_floor}/openapi.json") == 200,
-            timeout=30,
-            what="submit floor app",
-        )
+        # The minimal prototypes of poll and submit, measured in the same rounds.
+        _, floor_url = poll_floor_server(bench, env, task["id"])
+        _, submit_floor = submit_floor_server(bench, env)
 
         ui.log("[bold]metric 1: submit efficiency[/bold]")
         submit = rounds(
@@ -165,7 +175,7 @@ def run(options: Options) -> dict[str, Any]:
             options.rounds,
             peers={
                 "fastapi_group_commit_floor": lambda: _wrk_sample(
-                    f"{submit_floor}/tasks", options, script=script
+                    submit_floor, options, script=script
                 )
             },
         )

@@ -13,6 +13,11 @@
    the dispatcher, the worker with its pool children, redis-server and the PostgreSQL backends
    of the scratch database ÷ the raw worker's tree + redis-server + the producing process.
 
+End-to-end's floor (metrics 2, 3 and 5, on Redis and RabbitMQ): the least a durable, recorded
+task costs with FastAPI, psycopg and Celery, loaded and measured as taskdock is, in the same
+rounds: bench.submit_floor_app serving the submissions and a plain Celery worker running them
+with a run's two writes (bench.e2e_floor). taskdock ÷ it is what taskdock adds.
+
 Peers (metrics 2 and 5 on Redis): what users who do not pick taskdock run, Celery recording
 results with its own result backends (PEERS). Each is the raw drain again, with the same app
 and flags, plus a result backend: Redis (db 2 of the benchmark's redis-server), and SQL on a
@@ -35,6 +40,7 @@ from typing import Any
 from celery import Celery
 
 from bench import raw_celery
+from bench.bench_api import serve
 from bench.common import (
     ROOT,
     Bench,
@@ -42,6 +48,7 @@ from bench.common import (
     Options,
     Proc,
     bench_world,
+    http_status,
     rabbit_available,
     rabbit_vhost,
     redis_client,
@@ -56,12 +63,15 @@ from bench.tasks import LATENCY_KEY
 
 NOOP_BODY: dict[str, Any] = {"type": "bench.noop", "payload": {}}
 UNFINISHED = "SELECT count(*) FROM task WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED')"
+# The queue end-to-end's floor records its tasks in (bench.submit_floor_app.QUEUE).
+FLOOR_QUEUE = "submit-floor"
 DRAIN_TIMEOUT = 900.0
 # The peers, by their key in the results: Celery with one of its own result backends.
 PEERS = {
     "celery_redis_backend": "Celery + Redis result backend",
     "celery_sql_backend": "Celery + SQL result backend",
     "celery_two_writes": "the minimal prototype: Celery + a claim and a durable outcome per task",
+    "e2e_floor": "end-to-end's floor: submit's floor + a worker making a run's two writes",
 }
 RESULTS_DB = 2  # the Redis result backend's database on the benchmark's redis-server
 
@@ -72,11 +82,17 @@ def estimate(options: Options) -> float:
     pair = options.seconds + 3 + options.drain_count / 400 + options.drain_count / 300 + 3
     peers = 2 * options.drain_count / 400 + options.drain_count / 300 + options.drain_count / 100
     peers += 6
+    # End-to-end's floor: one more submit round, as taskdock's.
+    floor = options.seconds + 3 + 5
     per_broker = 25 + options.rounds * pair
-    # Two latency points (half the raw drain rate, half taskdock's own peak), each A and B.
-    latency = 2 * options.rounds * 2 * (options.latency_seconds + options.max_lag + 5)
-    # The Redis suite again with the dispatcher publishing: throughput, one latency point.
-    return per_broker * (3 if options.rabbitmq else 2) + latency * 3 / 2 + options.rounds * peers
+    one_latency = options.latency_seconds + options.max_lag + 5
+    # Three latency points on Redis (100/s, half the raw drain rate, half taskdock's own peak),
+    # each taskdock, .delay() and the floor; one more, without the floor, with the dispatcher
+    # publishing.
+    latency = 3 * options.rounds * 3 * one_latency + options.rounds * 2 * one_latency
+    brokers = 3 if options.rabbitmq else 2
+    floors = options.rounds * floor * (2 if options.rabbitmq else 1)
+    return per_broker * brokers + latency + options.rounds * peers + floors
 
 
 def percentile(values: list[float], percent: float) -> float:
@@ -137,6 +153,16 @@ class PeerBackend:
 
 
 @dataclass
+class Floor:
+    """End-to-end's floor, served: where it takes submissions, and whose CPU counts."""
+
+    url: str
+    api: Proc
+    worker: Proc
+    groups: Groups
+
+
+@dataclass
 class Stack:
     bench: Bench
     broker: str
@@ -145,6 +171,7 @@ class Stack:
     raw: Drain
     peers: dict[str, Drain]
     counters: Any
+    floor: Floor | None = None
 
     def close(self) -> None:
         for drain in (self.raw, *self.peers.values()):
@@ -183,6 +210,28 @@ def start_drain(
     )
 
 
+def start_floor(bench: Bench, broker: str, options: Options, *, local_broker: bool) -> Floor:
+    """End-to-end's floor on `broker` and the scratch database: its app and its worker."""
+    api_proc, base = serve(
+        bench, bench.env(broker), name="e2e-floor", app="bench.submit_floor_app:app"
+    )
+    worker = bench.raw_worker(broker, options.concurrency, "floor", module="bench.e2e_floor")
+    wait_for(
+        lambda: api_proc.check() and http_status(f"{base}/openapi.json") == 200,
+        timeout=30,
+        what="the end-to-end floor's app",
+    )
+    groups: Groups = {
+        "api": api_proc.tree,
+        "worker": worker.tree,
+        "database": bench.backend_pids,
+    }
+    if local_broker:
+        redis: Proc = bench.redis_proc
+        groups["broker"] = redis.tree
+    return Floor(f"{base}/tasks", api_proc, worker, groups)
+
+
 def start_stack(
     bench: Bench,
     broker: str,
@@ -190,6 +239,7 @@ def start_stack(
     *,
     local_broker: bool,
     peers: dict[str, PeerBackend] | None = None,
+    floor: bool = False,
     **extra: str,
 ) -> Stack:
     env = bench.env(broker, **extra)
@@ -218,7 +268,14 @@ def start_stack(
         for peer, backend in (peers or {}).items()
     }
     return Stack(
-        bench, broker, api, taskdock_groups, raw, drains, redis_client(f"{bench.redis_url}/1")
+        bench,
+        broker,
+        api,
+        taskdock_groups,
+        raw,
+        drains,
+        redis_client(f"{bench.redis_url}/1"),
+        start_floor(bench, broker, options, local_broker=local_broker) if floor else None,
     )
 
 
@@ -226,11 +283,12 @@ def drained(bench: Bench) -> None:
     wait_for(lambda: bench.scalar(UNFINISHED) == 0, timeout=DRAIN_TIMEOUT, what="tasks", every=0.1)
 
 
-def submit_round(bench: Bench, api: str, options: Options) -> None:
-    """wrk submitting no-op tasks for one round, then every task they made finished."""
+def submit_round(bench: Bench, api: str, options: Options, url: str | None = None) -> None:
+    """wrk submitting no-op tasks for one round, to taskdock's `api` (or to `url`), then every
+    task they made finished."""
     script = submit_script(bench.work / "noop.lua", NOOP_BODY)
     wrk(
-        f"{api}/api/v1/tasks",
+        url or f"{api}/api/v1/tasks",
         seconds=options.seconds,
         connections=options.connections,
         script=script,
@@ -239,17 +297,31 @@ def submit_round(bench: Bench, api: str, options: Options) -> None:
 
 
 def taskdock_throughput(stack: Stack, options: Options) -> dict[str, Any]:
+    return recorded_throughput(stack, options, stack.taskdock_groups)
+
+
+def floor_throughput(stack: Stack, floor: Floor, options: Options) -> dict[str, Any]:
+    return recorded_throughput(stack, options, floor.groups, floor.url)
+
+
+def recorded_throughput(
+    stack: Stack, options: Options, groups: Groups, url: str | None = None
+) -> dict[str, Any]:
+    """Metric 2 of taskdock (or, at `url`, of end-to-end's floor): one submit round, from the
+    first submission's record to the last outcome's."""
     bench = stack.bench
     before = bench.scalar("SELECT max(created_at) FROM task")
-    meter = CpuMeter(stack.taskdock_groups).start()
-    submit_round(bench, stack.api, options)
+    meter = CpuMeter(groups).start()
+    submit_round(bench, stack.api, options, url)
     cpu = meter.stop()
     done, failed, first, last = bench.row(
         "SELECT count(*) FILTER (WHERE status = 'SUCCEEDED'),"
         " count(*) FILTER (WHERE status <> 'SUCCEEDED'), min(created_at), max(finished_at)"
-        " FROM task WHERE type = 'bench.noop' AND (CAST(:before AS timestamptz) IS NULL"
-        " OR created_at > :before)",
+        " FROM task WHERE type = 'bench.noop' AND (queue = :floor) = :is_floor"
+        " AND (CAST(:before AS timestamptz) IS NULL OR created_at > :before)",
         before=before,
+        floor=FLOOR_QUEUE,
+        is_floor=url is not None,
     )
     seconds = (last - first).total_seconds()
     return cpu_sample(done / seconds, done, cpu, failed=failed, seconds=seconds)
@@ -330,13 +402,16 @@ def latency_sample(values: list[float], sent: dict[str, float], rate: float) -> 
     }
 
 
-def taskdock_latency(stack: Stack, options: Options, rate: float) -> dict[str, Any]:
+def taskdock_latency(
+    stack: Stack, options: Options, rate: float, url: str | None = None
+) -> dict[str, Any]:
+    """Metric 3 of taskdock (or, at `url`, of end-to-end's floor) at `rate`."""
     stack.counters.delete(LATENCY_KEY)
     args = [
         sys.executable,
         "-m",
         "bench.loadgen",
-        stack.api,
+        url or f"{stack.api}/api/v1/tasks",
         str(rate),
         str(options.latency_seconds),
         str(options.max_lag),
@@ -402,6 +477,7 @@ def cpu_medians(samples: list[dict[str, Any]]) -> tuple[dict[str, float], float]
 
 def latency_point(stack: Stack, options: Options, rate: float, label: str) -> dict[str, Any]:
     """Metric 3 at one offered rate: taskdock and `.delay()` in alternating rounds."""
+    floor = stack.floor
     result = rounds(
         label,
         lambda: taskdock_latency(stack, options, rate),
@@ -409,6 +485,11 @@ def latency_point(stack: Stack, options: Options, rate: float, label: str) -> di
         options.rounds,
         keys=("p50", "p99"),
         unit=" ms",
+        peers=(
+            {"e2e_floor": lambda: taskdock_latency(stack, options, rate, floor.url)}
+            if floor is not None
+            else None
+        ),
     )
     result["offered_rate"] = rate
     return result
@@ -423,22 +504,29 @@ def broker_suite(
     local: bool,
     specified_rate: bool = True,
     peers: dict[str, PeerBackend] | None = None,
+    floor: bool = False,
     **extra: str,
 ) -> dict[str, Any]:
     """Metric 2 (and the peers' throughput); with a local broker also 5 and 3 (at the
-    specified rate, and at half taskdock's own peak). `extra` is more taskdock environment."""
-    stack = start_stack(bench, broker, options, local_broker=local, peers=peers, **extra)
+    specified rate, and at half taskdock's own peak); with `floor`, end-to-end's floor beside
+    taskdock in each. `extra` is more taskdock environment."""
+    stack = start_stack(
+        bench, broker, options, local_broker=local, peers=peers, floor=floor, **extra
+    )
     try:
         ui.log(f"[bold]metric 2: end-to-end throughput ({name})[/bold]")
+        measures: dict[str, Callable[[], dict[str, Any]]] = {
+            peer: functools.partial(raw_throughput, stack, drain, options)
+            for peer, drain in stack.peers.items()
+        }
+        if stack.floor is not None:
+            measures["e2e_floor"] = functools.partial(floor_throughput, stack, stack.floor, options)
         throughput = rounds(
             f"e2e throughput ({name})",
             lambda: taskdock_throughput(stack, options),
             lambda: raw_throughput(stack, stack.raw, options),
             options.rounds,
-            peers={
-                peer: functools.partial(raw_throughput, stack, drain, options)
-                for peer, drain in stack.peers.items()
-            },
+            peers=measures,
         )
         result: dict[str, Any] = {
             "throughput": throughput,
@@ -499,7 +587,13 @@ def run(options: Options) -> dict[str, Any]:
             "celery_two_writes": PeerBackend(record_url, record_name, record=True),
         }
         out["redis"] = broker_suite(
-            bench, f"{bench.redis_url}/0", options, name="redis", local=True, peers=peers
+            bench,
+            f"{bench.redis_url}/0",
+            options,
+            name="redis",
+            local=True,
+            peers=peers,
+            floor=True,
         )
     with bench_world("e2e-outbox") as bench:
         # The same on Redis with the dispatcher publishing; taskdock is overloaded at the
@@ -526,7 +620,7 @@ def run(options: Options) -> dict[str, Any]:
         ):
             peers = {"celery_two_writes": PeerBackend(record_url, record_name, record=True)}
             out["rabbitmq"] = broker_suite(
-                bench, broker, options, name="rabbitmq", local=False, peers=peers
+                bench, broker, options, name="rabbitmq", local=False, peers=peers, floor=True
             )
     return out
 

@@ -1,21 +1,25 @@
-"""What bounds metrics 1 and 4: where the API's CPU goes, from py-spy, next to its baselines.
+"""What bounds the targets: where the CPU of a request and of a task goes, from py-spy.
 
-For each of poll (GET /api/v1/tasks/{id}), submit (POST /api/v1/tasks) and the hello-world GET,
-wrk loads one server process while py-spy samples it and /proc counts its CPU. py-spy keeps
-only samples of a thread holding the GIL (`--gil`): its idle-thread detection counted threads
-asleep in Condition.wait on these machines, and the GIL holder is what runs Python. Reported
-per request: CPU milliseconds; the share of samples by layer, the layer being the package of
-the innermost frame (self time); the share of samples that pass through each of taskdock's
-own functions (inclusive time); and the functions with the most self time. Code that
-SQLAlchemy runs inside a greenlet (`AsyncSession.run_sync`) is sampled as a stack of its
+For each of poll (GET /api/v1/tasks/{id}), submit (POST /api/v1/tasks), their minimal
+prototypes (bench/poll_floor_app.py, bench/submit_floor_app.py: what bounds each) and the
+hello-world GET, wrk loads one server process while py-spy samples it and /proc counts its
+CPU. py-spy keeps only samples of a thread holding the GIL (`--gil`): its idle-thread detection
+counted threads asleep in Condition.wait on these machines, and the GIL holder is what runs
+Python. Reported per request: CPU milliseconds; the share of samples by layer, the layer being
+the package of the innermost frame (self time); the share of samples that pass through each of
+taskdock's own functions (inclusive time); and the functions with the most self time. Code
+that SQLAlchemy runs inside a greenlet (`AsyncSession.run_sync`) is sampled as a stack of its
 own, rooted at the greenlet.
 The raw `send_task` baseline is CPU-bound in one thread: its CPU per message is 1 / its rate.
 
 The worker's side (where end-to-end's CPU goes, metrics 2 and 5): a taskdock worker (prefork,
 the e2e concurrency) runs the no-op tasks wrk submits for one round, until every one has
 finished, while one py-spy samples its Celery consumer (the prefork parent: delivery, acks,
-the pool's bookkeeping) and one each of its pool children (the runs: claim, job, outcome).
-Reported per task: CPU milliseconds of each side, and the same shares as for a request.
+the pool's bookkeeping), one each of its pool children (the runs: claim, job, outcome) and one
+the API that took them. Reported per task: CPU milliseconds of each side, and the same shares
+as for a request. The same again for end-to-end's floor (bench.e2e_floor: submit's floor and a
+plain Celery worker making a run's two writes), the prototype that bounds metrics 2 and 3; and
+both again on RabbitMQ when it is here.
 
 py-spy needs ptrace: as root, or with kernel.yama.ptrace_scope = 0 and the same user. When it
 cannot attach, the report says so and the CPU figures stand alone.
@@ -34,14 +38,22 @@ from typing import Any
 
 import httpx
 
-from bench.bench_api import SUBMIT_BODY, hello_server, raw_enqueue_rate
-from bench.bench_e2e import submit_round
+from bench.bench_api import (
+    SUBMIT_BODY,
+    hello_server,
+    poll_floor_server,
+    raw_enqueue_rate,
+    submit_floor_server,
+)
+from bench.bench_e2e import FLOOR_QUEUE, start_floor, submit_round
 from bench.common import (
     AUTH,
     Options,
     bench_world,
     cpu_seconds,
     descendants,
+    rabbit_available,
+    rabbit_vhost,
     submit_script,
     ui,
     wrk,
@@ -76,21 +88,29 @@ FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$
 
 
 # The profiled servers, as the summary and the chart name them.
-PROFILED = {"poll": "poll", "submit": "submit", "hello": "hello-world GET"}
+PROFILED = {
+    "poll": "poll",
+    "poll_floor": "poll's floor",
+    "submit": "submit",
+    "submit_floor": "submit's floor",
+    "hello": "hello-world GET",
+}
 
 
 def layers_seen(profile: dict[str, Any]) -> list[str]:
     """Every layer any profiled server's samples fell in, in the order they first appear."""
     layers: list[str] = []
     for name in PROFILED:
-        for layer in profile[name].get("profile", {}).get("layers", {}):
+        for layer in profile.get(name, {}).get("profile", {}).get("layers", {}):
             if layer not in layers:
                 layers.append(layer)
     return layers
 
 
 def estimate(options: Options) -> float:
-    return 30 + 3 * (options.seconds + 4) + 15 + 30 + 2 * options.seconds
+    # The five servers' loads, raw send_task, then four worker profiles (taskdock and end-to-end's
+    # floor, on Redis and on RabbitMQ), each a world of its own and one submit round.
+    return 30 + 5 * (options.seconds + 4) + 15 + 4 * (30 + 2 * options.seconds)
 
 
 def layer_of(path: str) -> str:
@@ -208,16 +228,25 @@ def profiled_load(
     return out
 
 
-def profiled_worker(options: Options) -> dict[str, Any]:
-    """A worker running the no-op tasks of one wrk round: its consumer's and its pool's CPU
-    per task, and where py-spy saw it go."""
+def profiled_worker(
+    options: Options, broker: str | None = None, *, floor: bool = False
+) -> dict[str, Any]:
+    """A worker running the no-op tasks of one wrk round (on `broker`, else the world's
+    Redis): the CPU per task of its consumer, its pool and the API that took them, and where
+    py-spy saw it go. With `floor`, the same of end-to-end's floor (bench.e2e_floor)."""
     with bench_world("profile-worker") as bench:
-        env = bench.env()
-        _, base = bench.api(env)
-        worker = bench.worker(env, options.concurrency)
+        broker = broker or f"{bench.redis_url}/0"
+        if floor:
+            served = start_floor(bench, broker, options, local_broker=False)
+            api, worker, url, queue = served.api, served.worker, served.url, FLOOR_QUEUE
+        else:
+            env = bench.env(broker)
+            api, base = bench.api(env)
+            worker = bench.worker(env, options.concurrency)
+            url, queue = f"{base}/api/v1/tasks", "default"
         children = descendants(worker.pid)
-        # `taskdock worker` is Celery's main process: the consumer; its children run the tasks.
-        sides = {"consumer": [worker.pid], "pool": children}
+        # The worker's main process is Celery's consumer; its children run the tasks.
+        sides = {"api": [api.pid], "consumer": [worker.pid], "pool": children}
         spies = []
         for side, pids in sides.items():
             for pid in pids:
@@ -230,7 +259,7 @@ def profiled_worker(options: Options) -> dict[str, Any]:
                 )
                 spies.append((side, raw, spy))
         before = {pid: cpu_seconds(pid) or 0.0 for pids in sides.values() for pid in pids}
-        submit_round(bench, base, options)
+        submit_round(bench, "", options, url)
         cpu = {
             side: sum((cpu_seconds(pid) or 0.0) - before[pid] for pid in pids)
             for side, pids in sides.items()
@@ -244,7 +273,12 @@ def profiled_worker(options: Options) -> dict[str, Any]:
                 texts[side].append(raw.read_text())
             else:
                 errors.append(stderr.strip().splitlines()[-1] if stderr.strip() else "no output")
-        tasks = int(bench.scalar("SELECT count(*) FROM task WHERE type = 'bench.noop'"))
+        tasks = int(
+            bench.scalar(
+                "SELECT count(*) FROM task WHERE type = 'bench.noop' AND queue = :queue",
+                queue=queue,
+            )
+        )
         out: dict[str, Any] = {
             "tasks": tasks,
             "pool_processes": len(children),
@@ -260,6 +294,27 @@ def profiled_worker(options: Options) -> dict[str, Any]:
         return out
 
 
+# The worker profiles, by their key in the results: (broker, end-to-end's floor or taskdock).
+WORKER_PROFILES = {
+    "worker": ("redis", False),
+    "worker_floor": ("redis", True),
+    "worker_rabbitmq": ("rabbitmq", False),
+    "worker_floor_rabbitmq": ("rabbitmq", True),
+}
+
+
+def profiled_workers(options: Options) -> dict[str, Any]:
+    """taskdock's worker profile and end-to-end floor's, on Redis and (if here) RabbitMQ."""
+    out: dict[str, Any] = {}
+    for key, (broker, floor) in WORKER_PROFILES.items():
+        if broker == "redis":
+            out[key] = profiled_worker(options, floor=floor)
+        elif options.rabbitmq and rabbit_available():
+            with rabbit_vhost() as url:
+                out[key] = profiled_worker(options, url, floor=floor)
+    return out
+
+
 def run(options: Options) -> dict[str, Any]:
     with bench_world("profile") as bench:
         ui.log("[bold]profiles: where the API's CPU goes[/bold]")
@@ -267,15 +322,25 @@ def run(options: Options) -> dict[str, Any]:
         api, base = bench.api(env)
         hello_proc, hello = hello_server(bench, env, name="hello-profile")
         task = httpx.post(f"{base}/api/v1/tasks", json=SUBMIT_BODY, headers=AUTH).json()
+        poll_floor, poll_floor_url = poll_floor_server(bench, env, task["id"])
+        submit_floor, submit_floor_url = submit_floor_server(bench, env)
         script = submit_script(bench.work / "submit.lua", SUBMIT_BODY)
-        progress = ui.task("profiles", 5)
+        progress = ui.task("profiles", 7)
         result: dict[str, Any] = {"rate_hz": RATE_HZ, "connections": options.connections}
         result["poll"] = profiled_load(
             api.pid, f"{base}/api/v1/tasks/{task['id']}", options, bench.work, "poll"
         )
         ui.advance(progress)
+        result["poll_floor"] = profiled_load(
+            poll_floor.pid, poll_floor_url, options, bench.work, "poll_floor"
+        )
+        ui.advance(progress)
         result["submit"] = profiled_load(
             api.pid, f"{base}/api/v1/tasks", options, bench.work, "submit", script
+        )
+        ui.advance(progress)
+        result["submit_floor"] = profiled_load(
+            submit_floor.pid, submit_floor_url, options, bench.work, "submit_floor", script
         )
         ui.advance(progress)
         result["hello"] = profiled_load(
@@ -286,10 +351,15 @@ def run(options: Options) -> dict[str, Any]:
         result["raw_send_task"] = {"rate": raw, "cpu_ms_per_message": round(1000 / raw, 4)}
         ui.advance(progress)
     # A world of its own: the requests profiled above queued tasks no worker ran.
-    result["worker"] = profiled_worker(options)
+    result.update(profiled_workers(options))
     ui.advance(progress)
     for name in PROFILED:
         ui.log(f"  {name}: {result[name]['cpu_ms_per_request']:.3f} ms CPU per request")
-    per_task = result["worker"]["cpu_ms_per_task"]
-    ui.log(f"  worker: {per_task['consumer']:.3f} + {per_task['pool']:.3f} ms CPU per task")
+    for key in WORKER_PROFILES:
+        if key in result:
+            per_task = result[key]["cpu_ms_per_task"]
+            ui.log(
+                f"  {key}: API {per_task['api']:.3f}, consumer {per_task['consumer']:.3f},"
+                f" pool {per_task['pool']:.3f} ms CPU per task"
+            )
     return result

@@ -210,8 +210,8 @@ def profile(report: dict[str, Any]) -> Figure | None:
     data = report.get("profile")
     if not data:
         return None
-    names = list(PROFILED)
-    figure, axis = plt.subplots(figsize=(8, 5))
+    names = [name for name in PROFILED if name in data]
+    figure, axis = plt.subplots(figsize=(2 + 1.6 * len(names), 5))
     labels = [PROFILED[name] for name in names] + ["raw send_task"]
     bottoms = [0.0] * len(labels)
     palette = plt.get_cmap("tab20")

@@ -577,16 +577,24 @@ class Bench:
         return self.spawn("dispatcher", [sys.executable, "-m", "app.cli", "dispatcher"], env)
 
     def raw_worker(
-        self, broker_url: str, concurrency: int, name: str = "raw", **extra: str
+        self,
+        broker_url: str,
+        concurrency: int,
+        name: str = "raw",
+        *,
+        module: str = "bench.raw_celery",
+        **extra: str,
     ) -> Proc:
         """The baseline's plain Celery worker, with the same flags as taskdock's.
 
         `name` is its hostname and queue (bench.raw_celery.queue); `extra` is more of its
-        environment (BENCH_RESULT_BACKEND for a peer).
+        environment (BENCH_RESULT_BACKEND for a peer); `module` another plain Celery app
+        (bench.e2e_floor).
         """
         ready = self.work / f"{name}-worker.ready"
         ready.unlink(missing_ok=True)
         env = self.env(
+            broker_url,
             BENCH_BROKER_URL=broker_url,
             BENCH_READY_FILE=str(ready),
             BENCH_LOG_LEVEL="WARNING",
@@ -598,7 +606,7 @@ class Bench:
             "-m",
             "celery",
             "-A",
-            "bench.raw_celery",
+            module,
             "worker",
             "--loglevel=WARNING",
             *worker_flags(concurrency, name),

@@ -2,6 +2,8 @@
 
     python -m bench.loadgen URL RATE SECONDS MAX_LAG [CONNECTIONS]
 
+URL is where tasks are submitted: taskdock's /api/v1/tasks, or the end-to-end floor's /tasks.
+
 Each request is due at start + i/rate and carries that moment; the task records how long after
 it it started, so a client that falls behind still counts the wait (no coordinated omission).
 It gives up once it is MAX_LAG seconds behind schedule: the service cannot take that rate.
@@ -31,7 +33,7 @@ async def run(
         nonlocal accepted, failed
         try:
             body = {"type": "bench.stamp", "payload": {"sent_at": due_wall}}
-            response = await client.post(f"{url}/api/v1/tasks", json=body)
+            response = await client.post(url, json=body)
             if response.status_code == 202:
                 accepted += 1
             else:
@@ -42,7 +44,7 @@ async def run(
             slots.release()
 
     async with httpx.AsyncClient(limits=limits, timeout=30, headers=AUTH) as client:
-        await client.get(f"{url}/health/live")
+        await client.options(url)  # connect first; its answer does not matter
         pending: set[asyncio.Task[None]] = set()
         wall0, mono0 = time.time(), time.monotonic()
         for number in range(int(rate * seconds)):

@@ -124,13 +124,14 @@ FINISH = (
 _record: dict[int, Any] = {}
 
 
-def record_connection() -> Any:
-    """This process's own connection (each prefork child opens its own)."""
+def record_connection(url: str | None = RECORD_URL) -> Any:
+    """This process's own connection to `url` (each prefork child opens its own); its commits
+    do not wait for the WAL flush unless a statement asks (FINISH)."""
     import psycopg
 
     found = _record.get(os.getpid())
     if found is None:
-        dsn = str(RECORD_URL).replace("postgresql+psycopg://", "postgresql://", 1)
+        dsn = str(url).replace("postgresql+psycopg://", "postgresql://", 1)
         found = _record[os.getpid()] = psycopg.connect(
             dsn, autocommit=True, options="-c synchronous_commit=off"
         )

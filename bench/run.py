@@ -28,7 +28,7 @@ from bench import (
     charts,
 )
 from bench.bench_e2e import PEERS
-from bench.bench_profile import PROFILED, layers_seen
+from bench.bench_profile import PROFILED, WORKER_PROFILES, layers_seen
 from bench.common import RESULTS, Options, console, fmt, machine_info, now_stamp, ui, write_json
 
 MODULES: dict[str, ModuleType] = {
@@ -252,14 +252,19 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
                 "median",
                 "/s",
             )
-            floor = suite["throughput"].get("peers", {}).get("celery_two_writes")
-            if floor:
-                # The prototype's own ratio: what two round trips per task leave of the drain.
-                raw = suite["throughput"]["baseline_median"]
-                rows.append(
-                    f"| 2b. the minimal prototype itself, {label} (vs raw drain) | "
-                    f"{fmt(floor['median'])} /s | {fmt(raw)} /s | {fmt(floor['median'] / raw)} | |"
-                )
+            raw = suite["throughput"]["baseline_median"]
+            for number, peer, what in (
+                # The prototypes' own ratios: what two round trips per task leave of the drain,
+                # and what is left once the submissions are served and recorded too.
+                ("2b", "celery_two_writes", "the minimal prototype itself"),
+                ("2c", "e2e_floor", "end-to-end's floor itself"),
+            ):
+                floor = suite["throughput"].get("peers", {}).get(peer)
+                if floor:
+                    rows.append(
+                        f"| {number}. {what}, {label} (vs raw drain) | {fmt(floor['median'])} /s"
+                        f" | {fmt(raw)} /s | {fmt(floor['median'] / raw)} | |"
+                    )
     for suite_name in ("redis", "redis_outbox"):
         for field, target in (
             ("latency_100", "<= 2 (p50), <= 4 (p99)"),
@@ -272,6 +277,7 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
             at = f"at {latency['offered_rate']:,.0f}/s"
             if suite_name != "redis":
                 at += f", {SUITES[suite_name]}"
+            floor = latency.get("peers", {}).get("e2e_floor")
             for key in ("p50", "p99"):
                 rows.append(
                     _ratio_row(
@@ -282,6 +288,16 @@ def _e2e_rows(e2e: dict[str, Any]) -> list[str]:
                         key,
                     )
                 )
+                if floor:
+                    delay = latency[f"baseline_median_{key}"]
+                    rows += [
+                        f"| 3c. end-to-end's floor, {key} {at} (vs .delay()) | "
+                        f"{fmt(floor[f'median_{key}'])} ms | {fmt(delay)} ms | "
+                        f"{fmt(floor[f'median_{key}'] / delay)} | |",
+                        f"| 3d. dispatch latency {key} {at} (vs end-to-end's floor) | "
+                        f"{fmt(latency[f'taskdock_median_{key}'])} ms | "
+                        f"{fmt(floor[f'median_{key}'])} ms | {fmt(floor[f'ratio_{key}'])} | |",
+                    ]
     for suite_name in ("redis", "redis_outbox"):
         cpu = e2e.get(suite_name, {}).get("cpu")
         if cpu:
@@ -354,27 +370,31 @@ def _footprint_lines(footprint: dict[str, Any]) -> list[str]:
 def _profile_lines(profile: dict[str, Any]) -> list[str]:
     """What bounds metrics 1 and 4: CPU per request, and where py-spy saw it go."""
     raw = profile["raw_send_task"]
+    servers = [name for name in PROFILED if name in profile]
     lines = [
         f"What bounds metrics 1 and 4 (py-spy at {profile['rate_hz']} Hz on the API process, "
         f"wrk with {profile['connections']} connections; raw `send_task` costs "
         f"{fmt(raw['cpu_ms_per_message'])} ms of CPU per message at {fmt(raw['rate'])}/s):",
         "",
-        *_head("CPU per request", PROFILED.values()),
+        *_head("CPU per request", [PROFILED[name] for name in servers]),
         "| ms of one core | "
-        + " | ".join(fmt(profile[name]["cpu_ms_per_request"]) for name in PROFILED)
+        + " | ".join(fmt(profile[name]["cpu_ms_per_request"]) for name in servers)
         + " |",
         "| requests/s under the profiler | "
-        + " | ".join(fmt(profile[name]["rate"]) for name in PROFILED)
+        + " | ".join(fmt(profile[name]["rate"]) for name in servers)
         + " |",
     ]
-    lines += _layer_rows(layers_seen(profile), [profile[name] for name in PROFILED])
-    for name in ("poll", "submit"):
-        lines += _function_lines(name, profile[name].get("profile", {}))
+    lines += _layer_rows(layers_seen(profile), [profile[name] for name in servers])
+    for name in servers:
+        if name == "hello":
+            continue
+        lines += _function_lines(PROFILED[name], profile[name].get("profile", {}))
         error = profile[name].get("profile_error")
         if error:
             lines += ["", f"{name}: no profile ({error.strip().splitlines()[-1]})"]
-    if "worker" in profile:
-        lines += ["", *_worker_profile_lines(profile["worker"], profile["rate_hz"])]
+    worker_lines = _worker_profile_lines(profile)
+    if worker_lines:
+        lines += ["", *worker_lines]
     return lines
 
 
@@ -416,31 +436,58 @@ def _function_lines(name: str, found: dict[str, Any]) -> list[str]:
 
 
 WORKER_SIDES = {
+    "api": "API (took the submissions)",
     "consumer": "Celery consumer (prefork parent)",
     "pool": "pool children (the runs)",
 }
 
 
-def _worker_profile_lines(worker: dict[str, Any], rate_hz: int) -> list[str]:
-    """Where a worker's CPU per task goes, its consumer beside its pool."""
-    per_task = worker["cpu_ms_per_task"]
+def _worker_label(key: str) -> str:
+    broker, floor = WORKER_PROFILES[key]
+    return f"{'end-to-end floor' if floor else 'taskdock'}, {broker}"
+
+
+def _worker_profile_lines(profile: dict[str, Any]) -> list[str]:
+    """Where the CPU of a task goes on its way through the API, a consumer and a pool child:
+    taskdock's beside end-to-end floor's, on each broker."""
+    found = {key: profile[key] for key in WORKER_PROFILES if key in profile}
+    if not found:
+        return []
+    pools = {worker["pool_processes"] for worker in found.values()}
     lines = [
-        f"What bounds metrics 2 and 5 on the worker's side (py-spy at {rate_hz} Hz on each "
-        f"process of a worker with {worker['pool_processes']} pool processes, running the "
-        f"{worker['tasks']:,} no-op tasks of one submit round):",
+        f"What bounds metrics 2, 3 and 5 (py-spy at {profile['rate_hz']} Hz on the API, on a "
+        f"worker's Celery consumer and on each of its {', '.join(map(str, sorted(pools)))} "
+        "pool processes, through one submit round of no-op tasks until all had finished; the "
+        "end-to-end floor is bench.e2e_floor):",
         "",
-        *_head("CPU per task", WORKER_SIDES.values()),
-        "| ms of one core | " + " | ".join(fmt(per_task[side]) for side in WORKER_SIDES) + " |",
+        "| CPU per task, ms of one core | tasks | "
+        + " | ".join(WORKER_SIDES.values())
+        + " | total |",
+        "| --- | --- |" + " --- |" * (len(WORKER_SIDES) + 1),
     ]
-    columns = [{"profile": worker.get(side, {})} for side in WORKER_SIDES]
-    layers: list[str] = []
-    for column in columns:
-        layers += [layer for layer in column["profile"].get("layers", {}) if layer not in layers]
-    lines += _layer_rows(layers, columns)
-    for side, label in WORKER_SIDES.items():
-        lines += _function_lines(f"worker's {label}", worker.get(side, {}))
-    if worker.get("profile_error"):
-        lines += ["", f"worker: no profile ({worker['profile_error']})"]
+    for key, worker in found.items():
+        per_task = worker["cpu_ms_per_task"]
+        lines.append(
+            f"| {_worker_label(key)} | {worker['tasks']:,} | "
+            + " | ".join(fmt(per_task.get(side)) for side in WORKER_SIDES)
+            + f" | {fmt(sum(per_task.get(side, 0.0) for side in WORKER_SIDES))} |"
+        )
+    for key, worker in found.items():
+        columns = [{"profile": worker.get(side, {})} for side in WORKER_SIDES]
+        layers: list[str] = []
+        for column in columns:
+            layers += [
+                layer for layer in column["profile"].get("layers", {}) if layer not in layers
+            ]
+        lines += [
+            "",
+            *_head(_worker_label(key), WORKER_SIDES.values()),
+            *_layer_rows(layers, columns),
+        ]
+        for side, label in WORKER_SIDES.items():
+            lines += _function_lines(f"{_worker_label(key)}, {label}", worker.get(side, {}))
+        if worker.get("profile_error"):
+            lines += ["", f"{_worker_label(key)}: no profile ({worker['profile_error']})"]
     return lines
 
 

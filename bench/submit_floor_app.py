@@ -11,6 +11,10 @@ publish runs on the event loop, which the product cannot afford (a slow broker w
 request), and a crash between commit and publish loses the message, which the product's outbox
 prevents. Served with the API's uvicorn settings, its rate ÷ raw `send_task` is what FastAPI,
 psycopg and kombu allow; taskdock's submit ÷ it is what taskdock adds.
+
+Its Celery app has taskdock's settings that shape the hot path (bench.raw_celery's MIRRORED), and
+its messages go to a queue of its own, where bench.e2e_floor's worker runs them: the two together
+are end-to-end's floor (metrics 2 and 3).
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from bench.raw_celery import mirrored_settings
+
 INSERT = (
     "INSERT INTO task (id, type, payload, status, queue, priority, attempt, max_attempts,"
     " deliveries, run_after, owner, created_at, updated_at, queued_at, published_at)"
-    " VALUES (%s, %s, %s::json, 'QUEUED', 'default', 5, 1, 4, 0, now(), '', now(), now(),"
+    " VALUES (%s, %s, %s::json, 'QUEUED', %s, 5, 1, 4, 0, now(), '', now(), now(),"
     " now(), now())"
 )
 CONNECTIONS = 4
@@ -49,8 +55,12 @@ def _dsn() -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-celery = Celery("submit-floor", broker=os.environ.get("TASKDOCK_BROKER_URL", "memory://"))
-celery.conf.update(task_serializer="json", task_default_queue="submit-floor")
+QUEUE = "submit-floor"
+BROKER = os.environ["TASKDOCK_BROKER_URL"]
+celery = Celery("submit-floor", broker=BROKER)
+celery.conf.update(
+    task_default_queue=QUEUE, worker_hijack_root_logger=False, **mirrored_settings(BROKER)
+)
 
 
 class GroupCommit:
@@ -133,6 +143,6 @@ app = FastAPI(lifespan=lifespan)
 async def submit(data: TaskCreate) -> Response:
     task_id = str(uuid.uuid4())
     commit: GroupCommit = app.state.commit
-    await commit.submit((task_id, data.type, json.dumps(data.payload)))
+    await commit.submit((task_id, data.type, json.dumps(data.payload), QUEUE))
     body = json.dumps({"id": task_id, "type": data.type, "status": "QUEUED"})
     return Response(body, status_code=202, media_type="application/json")
