@@ -14,22 +14,31 @@ monitor has stopped, every event of every worker is still written to its queue, 
 every poll lists the growing folder. Here a queue declared with an expiry (Celery's event
 queues: 60 s; a worker's control queue: 10 s) is unbound and emptied once nobody has read it for
 that long, as RabbitMQ does with x-expires; a consumer that comes back binds it again.
+
+A worker polls the folder, and kombu's polling loop sleeps the whole interval whenever a poll
+brings nothing, also when what held it back is a full prefetch window (Celery's acks_late with
+prefetch 1: one message per pool process until it is acked). Every window then waited for the
+next poll, not for its ack, and a worker ran at most its concurrency per polling interval: 20
+tasks a second under `taskdock dev`, whatever they cost. Here an ack or a reject wakes the loop
+at once; an empty folder is still polled at the interval.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
 from queue import Empty
 from time import monotonic
-from typing import Any
+from typing import Any, cast
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.transport.base import to_rabbitmq_queue_arguments  # type: ignore[attr-defined]
 from kombu.utils.json import dumps
+from kombu.utils.scheduling import FairCycle
 
 # A consumer marks its expiring queue as read at most this often; a publisher checks a queue's
 # mark at most this often.
@@ -42,6 +51,14 @@ class Channel(filesystem.Channel):
         self._marked: dict[str, float] = {}  # when this channel last marked each as read
         self._fresh_until: dict[str, float] = {}  # bound queues known to be read, until when
         super().__init__(*args, **kwargs)
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple=multiple)
+        cast(Transport, self.connection).window_freed.set()
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue=requeue)
+        cast(Transport, self.connection).window_freed.set()
 
     # The stubs of kombu's two base classes disagree on this signature; the runtime one is this.
     def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[override]
@@ -155,3 +172,32 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set by every ack and reject on this connection's channels (from whichever thread
+        # Celery acks in): a prefetch window may have room again.
+        self.window_freed = threading.Event()
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **_: Any) -> None:
+        """kombu's virtual Transport.drain_events, but the pause after a poll that brought
+        nothing ends at the next ack or reject, not only at the polling interval. The pause
+        was a full interval even when the consumer's prefetch window was what stopped the poll
+        (the same family as celery/celery#10263, an ack deferred in Celery's blocking loop)."""
+        started = monotonic()
+        cycle = cast(FairCycle, self.cycle)  # made by kombu's __init__
+        interval = self.polling_interval
+        if timeout and interval and interval > timeout:
+            interval = timeout
+        while True:
+            # Cleared before the poll: an ack landing after it still cuts the pause short.
+            self.window_freed.clear()
+            try:
+                cycle.get(self._deliver, timeout=timeout)
+            except Empty:
+                if timeout is not None and monotonic() - started >= timeout:
+                    raise TimeoutError() from None  # socket.timeout, as kombu raises
+                if interval is not None:
+                    self.window_freed.wait(interval)
+            else:
+                return

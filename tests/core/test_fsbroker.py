@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kombu import Connection
@@ -68,13 +70,14 @@ def test_no_message_is_lost_between_processes(tmp_path: Path) -> None:
     assert sorted(received) == list(range(1500))
 
 
-def fs_connection(tmp_path: Path) -> Connection:
+def fs_connection(tmp_path: Path, **extra: Any) -> Connection:
     for name in ("queue", "control"):
         (tmp_path / name).mkdir(exist_ok=True)
     options = {
         "data_folder_in": str(tmp_path / "queue"),
         "data_folder_out": str(tmp_path / "queue"),
         "control_folder": str(tmp_path / "control"),
+        **extra,
     }
     return Connection(
         "filesystem://localhost/",
@@ -132,3 +135,34 @@ def test_a_monitors_event_queue_expires_once_nobody_reads_it(
         message = expiring.get(no_ack=True)
         assert message is not None
         assert message.payload == {"n": 4}
+
+
+def test_an_ack_lets_the_next_message_in_at_once_not_at_the_next_poll(tmp_path: Path) -> None:
+    # A worker with acks_late and prefetch 1 per pool process polls nothing while its window is
+    # full. kombu's loop then slept a whole polling interval, and `taskdock dev` (0.1 s) ran at
+    # most 20 tasks a second, however short they were. Here the interval is ten minutes: the
+    # second message can only come in time if the ack of the first one wakes the loop.
+    from kombu import Queue
+
+    with fs_connection(tmp_path, polling_interval=600.0) as connection:
+        queue = Queue("default", routing_key="default")
+        producer = connection.Producer()
+        for number in (1, 2):
+            producer.publish({"n": number}, routing_key="default", declare=[queue])
+        received: list[Any] = []
+        consumer = connection.Consumer([queue], callbacks=[lambda _, m: received.append(m)])
+        consumer.qos(prefetch_count=1)
+        with consumer:
+            connection.drain_events(timeout=5)
+            assert [message.payload["n"] for message in received] == [1]
+
+            # The window is full: the next poll finds nothing to take until the ack.
+            drained = threading.Thread(target=connection.drain_events, daemon=True)
+            drained.start()
+            time.sleep(0.3)
+            assert len(received) == 1
+            received[0].ack()
+            drained.join(timeout=30)
+            assert not drained.is_alive(), "the ack did not end the wait: the poll interval did"
+            assert [message.payload["n"] for message in received] == [1, 2]
+            received[1].ack()
