@@ -766,6 +766,7 @@ class Options:
     footprint_tasks: int = 100_000
     footprint_max_seconds: float = 300.0
     startup_repeats: int = 3
+    dev_tasks: int = 2000
     rabbitmq: bool = True
     quick: bool = False
 
@@ -782,5 +783,6 @@ class Options:
             footprint_tasks=1500,
             footprint_max_seconds=30.0,
             startup_repeats=1,
+            dev_tasks=500,
             quick=True,
         )

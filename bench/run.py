@@ -1,6 +1,8 @@
 """Every benchmark, each against its baseline: `make bench` (`make bench ARGS=--quick`).
 
-    python -m bench.run [--quick] [--only api|e2e|pg|footprint ...] [--rounds N] [--seconds S]
+    python -m bench.run [--quick] [--only MODULE ...] [--rounds N] [--seconds S]
+
+MODULE: api, e2e, pg, footprint, profile, purge, console, dev.
 
 Writes bench/results/<date>-<name>.json (every round, machine info), a Markdown summary and
 PNG charts beside it. See bench/README.md for what each metric is and how it is measured.
@@ -20,6 +22,7 @@ from typing import Any
 from bench import (
     bench_api,
     bench_console,
+    bench_dev,
     bench_e2e,
     bench_footprint,
     bench_pg,
@@ -39,6 +42,7 @@ MODULES: dict[str, ModuleType] = {
     "profile": bench_profile,
     "purge": bench_purge,
     "console": bench_console,
+    "dev": bench_dev,
 }
 TOOLS = {"wrk": "wrk", "redis-server": "redis-server", "pgbench": "postgresql-client"}
 
@@ -164,6 +168,7 @@ def summary(report: dict[str, Any], images: list[str]) -> str:
         ("e2e", _e2e_rows),
         ("pg", _pg_rows),
         ("purge", _purge_rows),
+        ("dev", _dev_rows),
     ]
     for module, make in rows:
         if module in report:
@@ -331,6 +336,22 @@ def _purge_rows(purge: dict[str, Any]) -> list[str]:
         _ratio_row(f"{label}, rate", purge, "", "/s"),
         _ratio_row(f"{label}, p50", purge, "", " ms", key="p50_ms"),
         _ratio_row(f"{label}, p99", purge, "", " ms", key="p99_ms"),
+    ]
+
+
+def _dev_rows(dev: dict[str, Any]) -> list[str]:
+    """Metric 10: the laptop mode's rates against the server stack's, and what went wrong."""
+    label = (
+        f"10. taskdock dev (SQLite), {dev['tasks_per_round']:,} submissions at "
+        f"{dev['connections']} connections (vs the PostgreSQL + Redis stack)"
+    )
+    faults = (
+        f"{dev['taskdock_not_succeeded']} not SUCCEEDED, {dev['taskdock_status_5xx']} 5xx, "
+        f"{dev['taskdock_not_202']} not 202 over all rounds"
+    )
+    return [
+        _ratio_row(f"{label}, end-to-end", dev, "report the rate", "/s"),
+        _ratio_row(f"{label}, submissions", dev, faults, "/s", key="submit_rate"),
     ]
 
 
