@@ -353,13 +353,15 @@ class LoopPipeline:
         loop = asyncio.get_running_loop()
         if self._client is None or self._client[0] is not loop:
             # A test client may run several event loops in turn; a client's connections
-            # belong to the loop that opened them.
+            # belong to the loop that opened them. The broker's own Redis options
+            # (app.core.celery.broker_options), but the publish timeout on the socket.
+            options = self.app.conf.broker_transport_options or {}
             client = redis.asyncio.Redis.from_url(
                 self.app.conf.broker_url,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
-                socket_keepalive=True,
-                health_check_interval=10,
+                socket_keepalive=options.get("socket_keepalive", False),
+                health_check_interval=options.get("health_check_interval", 0),
             )
             self._client = (loop, client)
         return self._client[1]

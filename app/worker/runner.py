@@ -68,7 +68,13 @@ class _Run:
     claim: lifecycle.Claim
     ctx: TaskContext
     lease_seconds: float
-    renew_at: float
+    renew_at: float = 0.0
+
+    @property
+    def period(self) -> float:
+        """How often its lease is renewed: a third of it, so that two renewals may fail (a
+        database restart) before it runs out."""
+        return self.lease_seconds / 3
 
 
 class LeaseRenewer:
@@ -98,13 +104,14 @@ class LeaseRenewer:
         self, *, claim: lifecycle.Claim, ctx: TaskContext, lease_seconds: float
     ) -> Iterator[None]:
         key = (claim.task_id, claim.attempt, claim.delivery)
-        run = _Run(claim, ctx, lease_seconds, renew_at=time.monotonic() + lease_seconds / 3)
+        run = _Run(claim, ctx, lease_seconds)
+        run.renew_at = time.monotonic() + run.period
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 threading.Thread(target=self._loop, name="lease-renewer", daemon=True).start()
             self._runs[key] = run
-            self._idle_wait = min(self._idle_wait, lease_seconds / 3)
+            self._idle_wait = min(self._idle_wait, run.period)
             wake = run.renew_at < self._next_look
         if wake:
             self._wake.set()
@@ -121,7 +128,7 @@ class LeaseRenewer:
             with self._lock:
                 due = [run for run in self._runs.values() if run.renew_at <= time.monotonic()]
             for run in due:
-                run.renew_at = time.monotonic() + run.lease_seconds / 3
+                run.renew_at = time.monotonic() + run.period
                 self._renew(run)
             with self._lock:
                 next_at = min((run.renew_at for run in self._runs.values()), default=None)
