@@ -6,7 +6,9 @@ See sqlalchemy/alembic#633: two replicas migrating at once corrupt the version t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -26,6 +28,22 @@ def alembic_config(connection: Connection | None = None) -> Config:
     config.set_main_option("path_separator", "os")
     config.attributes["connection"] = connection
     return config
+
+
+def built_on(dialect: str) -> Callable[[Any, str | None, str, bool, Any], bool]:
+    """Alembic's `include_object` for a database of `dialect`: what the models build only on
+    other dialects (`Index(...).ddl_if(dialect=...)`) stays out of autogenerate's comparison,
+    as it stays out of `create_all`. Alembic does not read `ddl_if` itself yet
+    (sqlalchemy/alembic#1491)."""
+
+    def include(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+        condition = getattr(obj, "_ddl_if", None)
+        if condition is None or condition.dialect is None:
+            return True
+        wanted = condition.dialect
+        return dialect in ((wanted,) if isinstance(wanted, str) else wanted)
+
+    return include
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -110,6 +110,9 @@ class Task(Base):
         ),
         # The event stream's replay after a Last-Event-ID (app/tasks/events.py).
         Index("ix_task_owner_change_seq", "owner", "change_seq"),
+        # SQLite numbers a change MAX(change_seq) + 1 (migration 0010's triggers), which needs
+        # an index of change_seq alone; PostgreSQL uses a sequence (migration 0016).
+        Index("ix_task_change_seq", "change_seq").ddl_if(dialect="sqlite"),
         # The console as an admin sees it: every owner's tasks, newest first or by status (its
         # chart of what finished in the last hour reads ix_task_finished, below).
         Index("ix_task_created", "created_at", "id"),

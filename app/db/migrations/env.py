@@ -7,6 +7,7 @@ from sqlalchemy import Connection
 
 from app.auth import models as auth_models  # noqa: F401 - registers the tables
 from app.db.base import Base
+from app.db.migrate import built_on
 from app.schedules import models as schedule_models  # noqa: F401
 from app.tasks import models  # noqa: F401 - registers the tables on Base.metadata
 from app.webhooks import models as webhook_models  # noqa: F401
@@ -21,6 +22,7 @@ def run_migrations(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_object=built_on(connection.dialect.name),
     )
     with context.begin_transaction():
         context.run_migrations()
