@@ -40,7 +40,7 @@ from typing import Any
 from celery import Celery
 
 from bench import raw_celery
-from bench.bench_api import serve
+from bench.bench_api import submit_floor_server
 from bench.common import (
     ROOT,
     Bench,
@@ -48,7 +48,6 @@ from bench.common import (
     Options,
     Proc,
     bench_world,
-    http_status,
     rabbit_available,
     rabbit_vhost,
     redis_client,
@@ -212,24 +211,20 @@ def start_drain(
 
 def start_floor(bench: Bench, broker: str, options: Options, *, local_broker: bool) -> Floor:
     """End-to-end's floor on `broker` and the scratch database: its app and its worker."""
-    api_proc, base = serve(
-        bench, bench.env(broker), name="e2e-floor", app="bench.submit_floor_app:app"
-    )
+    api, url = submit_floor_server(bench, bench.env(broker))
     worker = bench.raw_worker(broker, options.concurrency, "floor", module="bench.e2e_floor")
-    wait_for(
-        lambda: api_proc.check() and http_status(f"{base}/openapi.json") == 200,
-        timeout=30,
-        what="the end-to-end floor's app",
-    )
-    groups: Groups = {
-        "api": api_proc.tree,
-        "worker": worker.tree,
-        "database": bench.backend_pids,
-    }
+    groups = cpu_groups(bench, local_broker=local_broker, api=api, worker=worker)
+    return Floor(url, api, worker, groups)
+
+
+def cpu_groups(bench: Bench, *, local_broker: bool, **procs: Proc) -> Groups:
+    """Whose CPU counts: `procs` with their children, the PostgreSQL backends serving the
+    scratch database, and the world's redis-server when it is the broker."""
+    groups: Groups = {name: proc.tree for name, proc in procs.items()}
+    groups["database"] = bench.backend_pids
     if local_broker:
-        redis: Proc = bench.redis_proc
-        groups["broker"] = redis.tree
-    return Floor(f"{base}/tasks", api_proc, worker, groups)
+        groups["broker"] = bench.redis_proc.tree
+    return groups
 
 
 def start_stack(
@@ -246,15 +241,9 @@ def start_stack(
     api_proc, api = bench.api(env)
     dispatcher = bench.dispatcher(env)
     worker = bench.worker(env, options.concurrency)
-    taskdock_groups: Groups = {
-        "api": api_proc.tree,
-        "dispatcher": dispatcher.tree,
-        "worker": worker.tree,
-        "database": bench.backend_pids,
-    }
-    if local_broker:
-        redis: Proc = bench.redis_proc
-        taskdock_groups["broker"] = redis.tree
+    taskdock_groups = cpu_groups(
+        bench, local_broker=local_broker, api=api_proc, dispatcher=dispatcher, worker=worker
+    )
     raw = start_drain(bench, broker, options, local_broker=local_broker)
     drains = {
         peer: start_drain(
