@@ -153,8 +153,9 @@ def test_an_ack_lets_the_next_message_in_at_once_not_at_the_next_poll(tmp_path: 
         consumer = connection.Consumer([queue], callbacks=[lambda _, m: received.append(m)])
         consumer.qos(prefetch_count=1)
         with consumer:
+            # Either may come first: two messages named in the same millisecond have no order.
             connection.drain_events(timeout=5)
-            assert [message.payload["n"] for message in received] == [1]
+            assert len(received) == 1
 
             # The window is full: the next poll finds nothing to take until the ack.
             drained = threading.Thread(target=connection.drain_events, daemon=True)
@@ -164,5 +165,5 @@ def test_an_ack_lets_the_next_message_in_at_once_not_at_the_next_poll(tmp_path: 
             received[0].ack()
             drained.join(timeout=30)
             assert not drained.is_alive(), "the ack did not end the wait: the poll interval did"
-            assert [message.payload["n"] for message in received] == [1, 2]
+            assert sorted(message.payload["n"] for message in received) == [1, 2]
             received[1].ack()
