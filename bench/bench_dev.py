@@ -18,9 +18,7 @@ The baseline is the same load, in alternating rounds, against taskdock on Postgr
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -31,18 +29,17 @@ from typing import Any
 
 import httpx
 
-from bench.bench_e2e import NOOP_BODY
+from bench.bench_e2e import NOOP_BODY, cpu_groups
 from bench.common import (
     AUTH,
-    ROOT,
+    UNLIMITED,
     Bench,
     CpuMeter,
     Options,
     bench_world,
-    free_port,
-    http_status,
     rounds,
     ui,
+    unconfigured_env,
     wait_for,
 )
 
@@ -126,22 +123,9 @@ def load_round(side: Side, options: Options) -> dict[str, Any]:
     }
 
 
-def dev_env(data: Path, port: int) -> dict[str, str]:
+def dev_env(data: Path) -> dict[str, str]:
     """A shell's environment with no taskdock setting, plus what every benchmark sets."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TASKDOCK_")}
-    env.update(
-        {
-            "PYTHONPATH": str(ROOT),
-            "TASKDOCK_DATA_DIR": str(data),
-            "TASKDOCK_API_PORT": str(port),
-            "TASKDOCK_TASK_MODULES": "bench.tasks",
-            "TASKDOCK_RATE_LIMIT_SUBMIT": "100000000/minute",
-            "TASKDOCK_RATE_LIMIT_READ": "100000000/minute",
-            "TASKDOCK_MAX_UNFINISHED_TASKS": "0",
-            "TASKDOCK_LOG_LEVEL": "WARNING",
-        }
-    )
-    return env
+    return {**unconfigured_env(), **UNLIMITED, "TASKDOCK_DATA_DIR": str(data)}
 
 
 def sqlite_query(path: Path) -> Callable[..., Any]:
@@ -164,14 +148,8 @@ def pg_query(bench: Bench) -> Callable[..., Any]:
 def run(options: Options) -> dict[str, Any]:
     with bench_world("dev") as bench:
         data = bench.work / "dev-data"
-        port = free_port()
-        dev = bench.spawn("dev", [sys.executable, "-m", "app.cli", "dev"], dev_env(data, port))
-        base = f"http://127.0.0.1:{port}"
-        wait_for(
-            lambda: dev.check() and http_status(f"{base}/health/ready") == 200,
-            timeout=120,
-            what="taskdock dev to be ready",
-        )
+        # Migrations first, then its API, worker and dispatcher: slower to be ready than an API.
+        dev, base = bench.api(dev_env(data), name="dev", command="dev", timeout=120)
         laptop = Side(f"{base}/api/v1/tasks", sqlite_query(data / "taskdock.db"), {"dev": dev.tree})
         env = bench.env()
         api, api_base = bench.api(env)
@@ -180,13 +158,7 @@ def run(options: Options) -> dict[str, Any]:
         server = Side(
             f"{api_base}/api/v1/tasks",
             pg_query(bench),
-            {
-                "api": api.tree,
-                "worker": worker.tree,
-                "dispatcher": dispatcher.tree,
-                "database": bench.backend_pids,
-                "broker": bench.redis_proc.tree,
-            },
+            cpu_groups(bench, local_broker=True, api=api, worker=worker, dispatcher=dispatcher),
         )
         ui.log(
             f"[bold]metric 10: taskdock dev (SQLite), {options.dev_tasks:,} submissions at "

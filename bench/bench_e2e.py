@@ -272,12 +272,11 @@ def drained(bench: Bench) -> None:
     wait_for(lambda: bench.scalar(UNFINISHED) == 0, timeout=DRAIN_TIMEOUT, what="tasks", every=0.1)
 
 
-def submit_round(bench: Bench, api: str, options: Options, url: str | None = None) -> None:
-    """wrk submitting no-op tasks for one round, to taskdock's `api` (or to `url`), then every
-    task they made finished."""
+def submit_round(bench: Bench, url: str, options: Options) -> None:
+    """wrk submitting no-op tasks to `url` for one round, then every task they made finished."""
     script = submit_script(bench.work / "noop.lua", NOOP_BODY)
     wrk(
-        url or f"{api}/api/v1/tasks",
+        url,
         seconds=options.seconds,
         connections=options.connections,
         script=script,
@@ -301,7 +300,7 @@ def recorded_throughput(
     bench = stack.bench
     before = bench.scalar("SELECT max(created_at) FROM task")
     meter = CpuMeter(groups).start()
-    submit_round(bench, stack.api, options, url)
+    submit_round(bench, url or f"{stack.api}/api/v1/tasks", options)
     cpu = meter.stop()
     done, failed, first, last = bench.row(
         "SELECT count(*) FILTER (WHERE status = 'SUCCEEDED'),"

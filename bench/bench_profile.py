@@ -259,7 +259,7 @@ def profiled_worker(
                 )
                 spies.append((side, raw, spy))
         before = {pid: cpu_seconds(pid) or 0.0 for pids in sides.values() for pid in pids}
-        submit_round(bench, "", options, url)
+        submit_round(bench, url, options)
         cpu = {
             side: sum((cpu_seconds(pid) or 0.0) - before[pid] for pid in pids)
             for side, pids in sides.items()

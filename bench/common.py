@@ -498,6 +498,29 @@ def rabbit_available() -> bool:
         return False
 
 
+# What every benchmarked taskdock gets: limits too high to refuse anything, no unfinished-task
+# quota, quiet logs, and the benchmark's task types.
+UNLIMITED = {
+    "TASKDOCK_RATE_LIMIT_SUBMIT": "100000000/minute",
+    "TASKDOCK_RATE_LIMIT_READ": "100000000/minute",
+    "TASKDOCK_MAX_UNFINISHED_TASKS": "0",
+    "TASKDOCK_LOG_LEVEL": "WARNING",
+    "TASKDOCK_TASK_MODULES": "bench.tasks",
+}
+
+
+def unconfigured_env() -> dict[str, str]:
+    """This shell's environment with no taskdock, benchmark or metrics setting of its own, and
+    the checkout on the path (bench.tasks)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("TASKDOCK_", "BENCH_")) and key != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
 @dataclass
 class Bench:
     """One module's private world: a redis-server, a migrated scratch database, a work dir."""
@@ -514,24 +537,15 @@ class Bench:
         """taskdock's environment as deployed (API keys on, rate limits counted) but with
         limits too high to refuse anything, no quota (no worker drains the submit rounds),
         quiet logs."""
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("TASKDOCK_", "BENCH_")) and key != "PROMETHEUS_MULTIPROC_DIR"
-        }
+        env = unconfigured_env()
+        env.update(UNLIMITED)
         env.update(
             {
-                "PYTHONPATH": str(ROOT),
                 "TASKDOCK_DATABASE_URL": self.database_url,
                 "TASKDOCK_BROKER_URL": broker_url or f"{self.redis_url}/0",
                 "TASKDOCK_AUTH_ENABLED": "true",
                 # Registered (admin) by `taskdock migrate`; every request sends it (AUTH).
                 "TASKDOCK_BOOTSTRAP_API_KEY": API_KEY,
-                "TASKDOCK_RATE_LIMIT_SUBMIT": "100000000/minute",
-                "TASKDOCK_RATE_LIMIT_READ": "100000000/minute",
-                "TASKDOCK_MAX_UNFINISHED_TASKS": "0",
-                "TASKDOCK_LOG_LEVEL": "WARNING",
-                "TASKDOCK_TASK_MODULES": "bench.tasks",
                 "TASKDOCK_METRICS_DIR": str(self.work / "metrics"),
                 "TASKDOCK_DATA_DIR": str(self.work / "data"),
                 "TASKDOCK_SECRETS_DIR": str(self.work / "no-secrets"),
@@ -549,13 +563,17 @@ class Bench:
         self.procs.append(proc)
         return proc
 
-    def api(self, env: dict[str, str], name: str = "api") -> tuple[Proc, str]:
+    def api(
+        self, env: dict[str, str], name: str = "api", *, command: str = "api", timeout: float = 60
+    ) -> tuple[Proc, str]:
+        """`taskdock api` (or `command`, which takes --port too: `dev`), once it is ready."""
         port = free_port()
-        proc = self.spawn(name, [sys.executable, "-m", "app.cli", "api", "--port", str(port)], env)
+        args = [sys.executable, "-m", "app.cli", command, "--port", str(port)]
+        proc = self.spawn(name, args, env)
         base = f"http://127.0.0.1:{port}"
         wait_for(
             lambda: proc.check() and http_status(f"{base}/health/ready") == 200,
-            timeout=60,
+            timeout=timeout,
             what=f"{name} to be ready",
         )
         return proc, base
